@@ -1,0 +1,285 @@
+// DCNv3 core on the CPU: forward and backward, OpenMP through at::parallel_for.
+//
+// The official release has no CPU kernel at all. This one follows the same sampling math (see
+// ops/reference.py) and is laid out for NHWC tensors: the innermost loop always runs over the D
+// contiguous channels of one group, so that the compiler vectorises it, and every sampling location
+// is computed once per (pixel, group, point) and reused for all D channels.
+//
+// Parallelism:
+// - forward: over output pixels (n, ho, wo); each writes only its own output row.
+// - backward: over (n, g) pairs. A pair reads only image n and channels [g*D, (g+1)*D), so it owns
+//   that slice of grad_input exclusively: no atomics, no per-thread copies of grad_input, and the
+//   result is deterministic.
+// Reduced-precision inputs (bfloat16, half) are computed in float32 and their gradients accumulated
+// in float32 buffers, then cast back.
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t batch, height, width, out_h, out_w;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t group, group_channels, points;
+  double offset_scale;
+  bool remove_center;
+
+  int64_t channels() const { return group * group_channels; }
+};
+
+// The fixed kernel grid, x-major, relative to the kernel centre (before offset_scale).
+template <typename acc_t>
+void kernel_points(const Geometry& geo, std::vector<acc_t>& px, std::vector<acc_t>& py) {
+  const int64_t center_w = geo.dilation_w * (geo.kernel_w - 1) / 2;
+  const int64_t center_h = geo.dilation_h * (geo.kernel_h - 1) / 2;
+  for (int64_t i = 0; i < geo.kernel_w; ++i) {
+    for (int64_t j = 0; j < geo.kernel_h; ++j) {
+      if (geo.remove_center && i == geo.kernel_w / 2 && j == geo.kernel_h / 2) continue;
+      px.push_back(static_cast<acc_t>(i * geo.dilation_w - center_w));
+      py.push_back(static_cast<acc_t>(j * geo.dilation_h - center_h));
+    }
+  }
+}
+
+// Bilinear corners of one sampling location. Corners outside the image get weight zero and an index
+// clamped into the image, so the channel loops need no branches.
+template <typename acc_t>
+struct Corners {
+  int64_t index[4];  // pixel index h*W + w of (low,low), (low,high), (high,low), (high,high)
+  acc_t weight[4];   // bilinear weight, zero for a corner outside the image
+  acc_t valid[4];    // 1 inside the image, 0 outside
+  acc_t lh, lw;      // fractional parts, needed for the location gradient
+
+  // Returns false when the location lies wholly outside (-1, H) x (-1, W): no corner contributes.
+  bool locate(acc_t h, acc_t w, int64_t height, int64_t width) {
+    if (!(h > acc_t(-1) && w > acc_t(-1) && h < acc_t(height) && w < acc_t(width))) return false;
+    const acc_t h_floor = std::floor(h), w_floor = std::floor(w);
+    const int64_t h0 = static_cast<int64_t>(h_floor), w0 = static_cast<int64_t>(w_floor);
+    lh = h - h_floor;
+    lw = w - w_floor;
+    const acc_t hh = acc_t(1) - lh, hw = acc_t(1) - lw;
+    const bool h_low_in = h0 >= 0, h_high_in = h0 + 1 <= height - 1;
+    const bool w_low_in = w0 >= 0, w_high_in = w0 + 1 <= width - 1;
+    const int64_t hl = std::max<int64_t>(h0, 0), hu = std::min<int64_t>(h0 + 1, height - 1);
+    const int64_t wl = std::max<int64_t>(w0, 0), wu = std::min<int64_t>(w0 + 1, width - 1);
+    index[0] = hl * width + wl;
+    index[1] = hl * width + wu;
+    index[2] = hu * width + wl;
+    index[3] = hu * width + wu;
+    valid[0] = (h_low_in && w_low_in) ? acc_t(1) : acc_t(0);
+    valid[1] = (h_low_in && w_high_in) ? acc_t(1) : acc_t(0);
+    valid[2] = (h_high_in && w_low_in) ? acc_t(1) : acc_t(0);
+    valid[3] = (h_high_in && w_high_in) ? acc_t(1) : acc_t(0);
+    weight[0] = hh * hw * valid[0];
+    weight[1] = hh * lw * valid[1];
+    weight[2] = lh * hw * valid[2];
+    weight[3] = lh * lw * valid[3];
+    return true;
+  }
+};
+
+template <typename scalar_t>
+void forward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                    scalar_t* output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> px, py;
+  kernel_points<acc_t>(geo, px, py);
+  const int64_t C = geo.channels(), D = geo.group_channels, P = geo.points;
+  const int64_t pixels = geo.batch * geo.out_h * geo.out_w;
+  const acc_t scale = static_cast<acc_t>(geo.offset_scale);
+  const int64_t center_w = geo.dilation_w * (geo.kernel_w - 1) / 2;
+  const int64_t center_h = geo.dilation_h * (geo.kernel_h - 1) / 2;
+
+  at::parallel_for(0, pixels, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(D);
+    for (int64_t pixel = begin; pixel < end; ++pixel) {
+      const int64_t wo = pixel % geo.out_w;
+      const int64_t ho = (pixel / geo.out_w) % geo.out_h;
+      const int64_t n = pixel / (geo.out_w * geo.out_h);
+      const acc_t base_w = static_cast<acc_t>(wo * geo.stride_w - geo.pad_w + center_w);
+      const acc_t base_h = static_cast<acc_t>(ho * geo.stride_h - geo.pad_h + center_h);
+      const scalar_t* image = input + n * geo.height * geo.width * C;
+      for (int64_t g = 0; g < geo.group; ++g) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const scalar_t* off = offset + (pixel * geo.group + g) * P * 2;
+        const scalar_t* msk = mask + (pixel * geo.group + g) * P;
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t w = base_w + (px[p] + static_cast<acc_t>(off[2 * p])) * scale;
+          const acc_t h = base_h + (py[p] + static_cast<acc_t>(off[2 * p + 1])) * scale;
+          Corners<acc_t> c;
+          if (!c.locate(h, w, geo.height, geo.width)) continue;
+          const acc_t m = static_cast<acc_t>(msk[p]);
+          const acc_t w0 = c.weight[0] * m, w1 = c.weight[1] * m, w2 = c.weight[2] * m, w3 = c.weight[3] * m;
+          const scalar_t* v0 = image + c.index[0] * C + g * D;
+          const scalar_t* v1 = image + c.index[1] * C + g * D;
+          const scalar_t* v2 = image + c.index[2] * C + g * D;
+          const scalar_t* v3 = image + c.index[3] * C + g * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            acc[d] += w0 * static_cast<acc_t>(v0[d]) + w1 * static_cast<acc_t>(v1[d]) +
+                      w2 * static_cast<acc_t>(v2[d]) + w3 * static_cast<acc_t>(v3[d]);
+          }
+        }
+        scalar_t* out = output + pixel * C + g * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(acc[d]);
+      }
+    }
+  });
+}
+
+// grad_* pointers are acc_t buffers (the gradients themselves for float/double).
+template <typename scalar_t>
+void backward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+                     const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_input,
+                     at::opmath_type<scalar_t>* grad_offset, at::opmath_type<scalar_t>* grad_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> px, py;
+  kernel_points<acc_t>(geo, px, py);
+  const int64_t C = geo.channels(), D = geo.group_channels, P = geo.points;
+  const int64_t out_pixels = geo.out_h * geo.out_w;
+  const acc_t scale = static_cast<acc_t>(geo.offset_scale);
+  const int64_t center_w = geo.dilation_w * (geo.kernel_w - 1) / 2;
+  const int64_t center_h = geo.dilation_h * (geo.kernel_h - 1) / 2;
+
+  at::parallel_for(0, geo.batch * geo.group, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> top(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / geo.group, g = task % geo.group;
+      const scalar_t* image = input + n * geo.height * geo.width * C + g * D;
+      acc_t* grad_image = grad_input + n * geo.height * geo.width * C + g * D;
+      for (int64_t q = 0; q < out_pixels; ++q) {
+        const int64_t pixel = n * out_pixels + q;
+        const int64_t wo = q % geo.out_w, ho = q / geo.out_w;
+        const acc_t base_w = static_cast<acc_t>(wo * geo.stride_w - geo.pad_w + center_w);
+        const acc_t base_h = static_cast<acc_t>(ho * geo.stride_h - geo.pad_h + center_h);
+        const scalar_t* grad_out = grad_output + pixel * C + g * D;
+        for (int64_t d = 0; d < D; ++d) top[d] = static_cast<acc_t>(grad_out[d]);
+        const int64_t point_base = (pixel * geo.group + g) * P;
+        const scalar_t* off = offset + point_base * 2;
+        const scalar_t* msk = mask + point_base;
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t w = base_w + (px[p] + static_cast<acc_t>(off[2 * p])) * scale;
+          const acc_t h = base_h + (py[p] + static_cast<acc_t>(off[2 * p + 1])) * scale;
+          Corners<acc_t> c;
+          if (!c.locate(h, w, geo.height, geo.width)) continue;  // gradients stay zero
+          const acc_t m = static_cast<acc_t>(msk[p]);
+          const acc_t hh = acc_t(1) - c.lh, hw = acc_t(1) - c.lw;
+          // d(value)/dw and d(value)/dh per corner, zero for corners outside the image.
+          const acc_t dw0 = -hh * c.valid[0], dw1 = hh * c.valid[1], dw2 = -c.lh * c.valid[2], dw3 = c.lh * c.valid[3];
+          const acc_t dh0 = -hw * c.valid[0], dh1 = -c.lw * c.valid[1], dh2 = hw * c.valid[2], dh3 = c.lw * c.valid[3];
+          const acc_t a0 = c.weight[0], a1 = c.weight[1], a2 = c.weight[2], a3 = c.weight[3];
+          const acc_t m0 = a0 * m, m1 = a1 * m, m2 = a2 * m, m3 = a3 * m;
+          const scalar_t* v0 = image + c.index[0] * C;
+          const scalar_t* v1 = image + c.index[1] * C;
+          const scalar_t* v2 = image + c.index[2] * C;
+          const scalar_t* v3 = image + c.index[3] * C;
+          acc_t* g0 = grad_image + c.index[0] * C;
+          acc_t* g1 = grad_image + c.index[1] * C;
+          acc_t* g2 = grad_image + c.index[2] * C;
+          acc_t* g3 = grad_image + c.index[3] * C;
+          acc_t sum_value = 0, sum_dw = 0, sum_dh = 0;
+#pragma omp simd reduction(+ : sum_value, sum_dw, sum_dh)
+          for (int64_t d = 0; d < D; ++d) {
+            const acc_t t = top[d];
+            const acc_t x0 = static_cast<acc_t>(v0[d]), x1 = static_cast<acc_t>(v1[d]);
+            const acc_t x2 = static_cast<acc_t>(v2[d]), x3 = static_cast<acc_t>(v3[d]);
+            sum_value += t * (a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3);
+            sum_dw += t * (dw0 * x0 + dw1 * x1 + dw2 * x2 + dw3 * x3);
+            sum_dh += t * (dh0 * x0 + dh1 * x1 + dh2 * x2 + dh3 * x3);
+          }
+          // Corners may coincide after clamping (only with weight zero), so the scatter is kept
+          // as four separate loops rather than one loop that could alias.
+          for (int64_t d = 0; d < D; ++d) g0[d] += m0 * top[d];
+          for (int64_t d = 0; d < D; ++d) g1[d] += m1 * top[d];
+          for (int64_t d = 0; d < D; ++d) g2[d] += m2 * top[d];
+          for (int64_t d = 0; d < D; ++d) g3[d] += m3 * top[d];
+          grad_mask[point_base + p] = sum_value;
+          grad_offset[(point_base + p) * 2] = sum_dw * m * scale;
+          grad_offset[(point_base + p) * 2 + 1] = sum_dh * m * scale;
+        }
+      }
+    }
+  });
+}
+
+Geometry make_geometry(const at::Tensor& input, const at::Tensor& offset, int64_t kernel_h, int64_t kernel_w,
+                       int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h,
+                       int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
+                       bool remove_center) {
+  Geometry geo{input.size(0), input.size(1), input.size(2), offset.size(1), offset.size(2),
+               kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+               group, group_channels, kernel_h * kernel_w - (remove_center ? 1 : 0),
+               offset_scale, remove_center};
+  return geo;
+}
+
+void check_inputs(const Geometry& geo, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask) {
+  TORCH_CHECK(input.device().is_cpu() && offset.device().is_cpu() && mask.device().is_cpu(),
+              "dcnv3 cpu kernel: all tensors must be on the CPU");
+  TORCH_CHECK(input.dim() == 4 && offset.dim() == 4 && mask.dim() == 4, "dcnv3 cpu kernel: expected 4-D tensors");
+  TORCH_CHECK(input.size(3) == geo.channels(), "dcnv3 cpu kernel: input has ", input.size(3),
+              " channels, expected group*group_channels = ", geo.channels());
+  TORCH_CHECK(offset.size(3) == geo.group * geo.points * 2 && mask.size(3) == geo.group * geo.points,
+              "dcnv3 cpu kernel: offset/mask channels do not match group*points");
+  TORCH_CHECK(input.scalar_type() == offset.scalar_type() && input.scalar_type() == mask.scalar_type(),
+              "dcnv3 cpu kernel: input, offset and mask must share one dtype");
+}
+
+}  // namespace
+
+at::Tensor dcnv3_forward(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
+                         int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                         int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
+                         int64_t group_channels, double offset_scale, bool remove_center) {
+  const Geometry geo = make_geometry(input_, offset_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                     dilation_h, dilation_w, group, group_channels, offset_scale, remove_center);
+  check_inputs(geo, input_, offset_, mask_);
+  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
+  at::Tensor output = at::empty({geo.batch, geo.out_h, geo.out_w, geo.channels()}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, input.scalar_type(),
+                                  "dcnv3_forward_cpu", [&] {
+    forward_kernel<scalar_t>(geo, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                             mask.data_ptr<scalar_t>(), output.data_ptr<scalar_t>());
+  });
+  return output;
+}
+
+std::vector<at::Tensor> dcnv3_backward(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
+                                       const at::Tensor& grad_output_, int64_t kernel_h, int64_t kernel_w,
+                                       int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                                       int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels,
+                                       double offset_scale, bool remove_center) {
+  const Geometry geo = make_geometry(input_, offset_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                     dilation_h, dilation_w, group, group_channels, offset_scale, remove_center);
+  check_inputs(geo, input_, offset_, mask_);
+  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
+  const at::Tensor grad_output = grad_output_.to(input.scalar_type()).contiguous();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const auto acc_options = input.options().dtype(acc_type);
+  // Every output slot of grad_offset and grad_mask is written (zero where a point was skipped).
+  at::Tensor grad_input = at::zeros(input.sizes(), acc_options);
+  at::Tensor grad_offset = at::zeros(offset.sizes(), acc_options);
+  at::Tensor grad_mask = at::zeros(mask.sizes(), acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, input.scalar_type(),
+                                  "dcnv3_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t>(geo, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                              mask.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
+                              grad_input.data_ptr<acc_t>(), grad_offset.data_ptr<acc_t>(),
+                              grad_mask.data_ptr<acc_t>());
+  });
+  const auto dtype = input.scalar_type();
+  return {grad_input.to(dtype), grad_offset.to(dtype), grad_mask.to(dtype)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "DCNv3 core, CPU kernel (forward and backward)";
+  m.def("forward", &dcnv3_forward, "DCNv3 forward (CPU)");
+  m.def("backward", &dcnv3_backward, "DCNv3 backward: grad_input, grad_offset, grad_mask (CPU)");
+}
