@@ -87,10 +87,14 @@ def _build_cpu():
     cpp_extension = _import_cpp_extension()
     base_flags = ["-O3", "-fopenmp"]  # torch adds the C++ standard its headers need
     # Native ISA first (AVX2/AVX-512/NEON for the channel loops), portable flags if the compiler refuses.
-    attempts = [base_flags + ["-march=native"], base_flags] if platform.machine() in ("x86_64", "AMD64", "aarch64") else [base_flags]
+    # 256-bit vectors: with 512-bit ones GCC reduces the per-point dot products through the stack, which
+    # measured 30% slower in the backward on an AVX-512 EPYC.
+    native = {"x86_64": ["-march=native", "-mprefer-vector-width=256"], "AMD64": ["-march=native", "-mprefer-vector-width=256"],
+              "aarch64": ["-mcpu=native"], "arm64": ["-mcpu=native"]}.get(platform.machine())
+    attempts = [base_flags + native, base_flags] if native else [base_flags]
     errors = []
     for index, flags in enumerate(attempts):
-        name = f"dcnv3_cpu_{_cpu_isa_tag()}" if "-march=native" in flags else "dcnv3_cpu_portable"
+        name = f"dcnv3_cpu_{_cpu_isa_tag()}" if flags is not base_flags else "dcnv3_cpu_portable"
         try:
             return cpp_extension.load(name=name, sources=[str(CPU_SOURCE)], extra_cflags=flags,
                                       extra_ldflags=["-fopenmp"], verbose=False)

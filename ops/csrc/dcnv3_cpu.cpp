@@ -184,7 +184,12 @@ void backward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t*
           const acc_t w = base_w + (px[p] + static_cast<acc_t>(off[2 * p])) * scale;
           const acc_t h = base_h + (py[p] + static_cast<acc_t>(off[2 * p + 1])) * scale;
           Corners<acc_t> c;
-          if (!c.locate(h, w, geo.height, geo.width)) continue;  // gradients stay zero
+          if (!c.locate(h, w, geo.height, geo.width)) {  // no corner contributes: zero gradients
+            grad_mask[point_base + p] = acc_t(0);
+            grad_offset[(point_base + p) * 2] = acc_t(0);
+            grad_offset[(point_base + p) * 2 + 1] = acc_t(0);
+            continue;
+          }
           const acc_t m = static_cast<acc_t>(msk[p]);
           const acc_t hh = acc_t(1) - c.lh, hw = acc_t(1) - c.lw;
           // d(value)/dw and d(value)/dh per corner, zero for corners outside the image.
@@ -290,10 +295,10 @@ std::vector<at::Tensor> dcnv3_backward(const at::Tensor& input_, const at::Tenso
   const at::Tensor grad_output = grad_output_.to(input.scalar_type()).contiguous();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const auto acc_options = input.options().dtype(acc_type);
-  // Every output slot of grad_offset and grad_mask is written (zero where a point was skipped).
+  // grad_input is accumulated into; every slot of grad_offset and grad_mask is written by the kernel.
   at::Tensor grad_input = at::zeros(input.sizes(), acc_options);
-  at::Tensor grad_offset = at::zeros(offset.sizes(), acc_options);
-  at::Tensor grad_mask = at::zeros(mask.sizes(), acc_options);
+  at::Tensor grad_offset = at::empty(offset.sizes(), acc_options);
+  at::Tensor grad_mask = at::empty(mask.sizes(), acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, input.scalar_type(),
                                   "dcnv3_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -20,9 +20,11 @@
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+// c10's stream header rather than ATen/cuda/CUDAContext.h (whose at::cuda::getCurrentCUDAStream forwards to
+// the same function): CUDAContext.h pulls in cuSPARSE/cuBLAS/cuSOLVER headers, which minimal toolkits lack.
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -461,7 +463,7 @@ void launch_forward(const at::Tensor& input, const at::Tensor& offset, const at:
   const int64_t total = num_threads(s, CPT);
   if (total == 0) return;
   dcnv3_forward_kernel<scalar_t, CPT>
-      <<<static_cast<unsigned>(grid_size(total)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      <<<static_cast<unsigned>(grid_size(total)), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), mask.data_ptr<scalar_t>(),
           output.data_ptr<scalar_t>(), s, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -476,7 +478,7 @@ void launch_backward(const at::Tensor& input, const at::Tensor& offset, const at
   const int64_t total = num_threads(s, CPT);
   if (total == 0) return;
   dcnv3_backward_kernel<scalar_t, CPT, ATOMIC_REDUCE>
-      <<<static_cast<unsigned>(grid_size(total)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      <<<static_cast<unsigned>(grid_size(total)), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), mask.data_ptr<scalar_t>(),
           grad_output.data_ptr<scalar_t>(), grad_input_acc.data_ptr<acc_t>(), grad_offset_out.data_ptr<red_t>(),
           grad_mask_out.data_ptr<red_t>(), s, total, reduce_width);
