@@ -58,17 +58,21 @@ def forward_only(tensors, scalars, backend):
         dcnv3_core(*tensors, *scalars, backend=backend)
 
 
-def median_ms(fn, device: str, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
+def interleaved_median_ms(fns: dict, device: str, warmup: int, repeats: int) -> dict:
+    """Median milliseconds of each function, timed in turn within every repeat, so that all backends see
+    the same machine state (these machines are noisy) and their ratio is meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _hwm_kib() -> int:
@@ -135,13 +139,15 @@ def run(args) -> dict:
         if args.stages and stage not in args.stages:
             continue
         tensors, scalars = make_inputs(stage, args.batch, dtype, device)
+        forward_ms = interleaved_median_ms({b: (lambda b=b: forward_only(tensors, scalars, b)) for b in backends},
+                                           device, args.warmup, args.repeats)
+        forward_backward_ms = interleaved_median_ms(
+            {b: (lambda b=b: forward_backward(tensors, scalars, b)) for b in backends}, device, args.warmup, args.repeats)
         for backend in backends:
-            row = {"stage": stage, "shape": f"{args.batch}x{size}x{size}x{channels}/g{groups}", "backend": backend}
-            row["forward_ms"] = median_ms(lambda: forward_only(tensors, scalars, backend), device, args.warmup, args.repeats)
-            row["forward_backward_ms"] = median_ms(lambda: forward_backward(tensors, scalars, backend), device,
-                                                   args.warmup, args.repeats)
-            row["peak_memory_mib"] = None if args.no_memory else peak_memory_mib(stage, backend, args.batch, args.dtype, device)
-            rows.append(row)
+            rows.append({"stage": stage, "shape": f"{args.batch}x{size}x{size}x{channels}/g{groups}", "backend": backend,
+                         "forward_ms": forward_ms[backend], "forward_backward_ms": forward_backward_ms[backend],
+                         "peak_memory_mib": None if args.no_memory
+                         else peak_memory_mib(stage, backend, args.batch, args.dtype, device)})
         reference = next(r for r in rows if r["stage"] == stage and r["backend"] == "reference")
         for row in rows:
             if row["stage"] == stage:
@@ -168,7 +174,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--stages", nargs="*", choices=[s[0] for s in STAGES], help="default: all four")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
