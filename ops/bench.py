@@ -75,12 +75,9 @@ def interleaved_median_ms(fns: dict, device: str, warmup: int, repeats: int) -> 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _hwm_kib() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def _rss_kib() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+def _proc_status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmHWM: high-water mark, VmRSS: now)."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def peak_memory_child(stage: str, backend: str, batch: int, dtype: str) -> float:
@@ -90,9 +87,9 @@ def peak_memory_child(stage: str, backend: str, batch: int, dtype: str) -> float
     forward_backward(*make_inputs(stage, 1, DTYPES[dtype], "cpu"), backend)
     tensors, scalars = make_inputs(stage, batch, DTYPES[dtype], "cpu")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    baseline = _rss_kib()
+    baseline = _proc_status_kib("VmRSS")
     forward_backward(tensors, scalars, backend)
-    return (_hwm_kib() - baseline) / 1024
+    return (_proc_status_kib("VmHWM") - baseline) / 1024
 
 
 def peak_memory_mib(stage: str, backend: str, batch: int, dtype: str, device: str) -> float | None:
@@ -146,13 +143,10 @@ def run(args) -> dict:
         for backend in backends:
             rows.append({"stage": stage, "shape": f"{args.batch}x{size}x{size}x{channels}/g{groups}", "backend": backend,
                          "forward_ms": forward_ms[backend], "forward_backward_ms": forward_backward_ms[backend],
+                         "forward_speedup": forward_ms["reference"] / forward_ms[backend],
+                         "forward_backward_speedup": forward_backward_ms["reference"] / forward_backward_ms[backend],
                          "peak_memory_mib": None if args.no_memory
                          else peak_memory_mib(stage, backend, args.batch, args.dtype, device)})
-        reference = next(r for r in rows if r["stage"] == stage and r["backend"] == "reference")
-        for row in rows:
-            if row["stage"] == stage:
-                row["forward_speedup"] = reference["forward_ms"] / row["forward_ms"]
-                row["forward_backward_speedup"] = reference["forward_backward_ms"] / row["forward_backward_ms"]
     return {"device": device, "machine": machine_description(device), "torch": torch.__version__,
             "dtype": args.dtype, "batch": args.batch, "repeats": args.repeats, "rows": rows}
 

@@ -34,20 +34,6 @@ struct Geometry {
   int64_t channels() const { return group * group_channels; }
 };
 
-// The fixed kernel grid, x-major, relative to the kernel centre (before offset_scale).
-template <typename acc_t>
-void kernel_points(const Geometry& geo, std::vector<acc_t>& px, std::vector<acc_t>& py) {
-  const int64_t center_w = geo.dilation_w * (geo.kernel_w - 1) / 2;
-  const int64_t center_h = geo.dilation_h * (geo.kernel_h - 1) / 2;
-  for (int64_t i = 0; i < geo.kernel_w; ++i) {
-    for (int64_t j = 0; j < geo.kernel_h; ++j) {
-      if (geo.remove_center && i == geo.kernel_w / 2 && j == geo.kernel_h / 2) continue;
-      px.push_back(static_cast<acc_t>(i * geo.dilation_w - center_w));
-      py.push_back(static_cast<acc_t>(j * geo.dilation_h - center_h));
-    }
-  }
-}
-
 // Bilinear corners of one sampling location. Corners outside the image get weight zero and an index
 // clamped into the image, so the channel loops need no branches.
 template <typename acc_t>
@@ -88,16 +74,37 @@ struct Corners {
 // Locates all P points of one (pixel, group) before any channel work: the points are independent, so
 // their floor/clamp/index chains overlap here, and the channel loops that follow find their addresses
 // ready instead of each point's loads waiting on its own chain.
-template <typename acc_t, typename scalar_t>
-void locate_points(const Geometry& geo, const std::vector<acc_t>& px, const std::vector<acc_t>& py,
-                   const scalar_t* off, acc_t base_w, acc_t base_h, acc_t scale, Corners<acc_t>* corners,
-                   char* inside) {
-  for (int64_t p = 0; p < geo.points; ++p) {
-    const acc_t w = base_w + (px[p] + static_cast<acc_t>(off[2 * p])) * scale;
-    const acc_t h = base_h + (py[p] + static_cast<acc_t>(off[2 * p + 1])) * scale;
-    inside[p] = corners[p].locate(h, w, geo.height, geo.width);
+template <typename acc_t>
+struct PointLocator {
+  const Geometry& geo;
+  std::vector<acc_t> px, py;  // the fixed kernel grid relative to its centre, before offset_scale
+  acc_t scale;
+  int64_t center_w, center_h;
+
+  explicit PointLocator(const Geometry& geometry)
+      : geo(geometry), scale(static_cast<acc_t>(geometry.offset_scale)),
+        center_w(geometry.dilation_w * (geometry.kernel_w - 1) / 2),
+        center_h(geometry.dilation_h * (geometry.kernel_h - 1) / 2) {
+    for (int64_t i = 0; i < geo.kernel_w; ++i) {  // x-major: the kernel's column index is the outer loop
+      for (int64_t j = 0; j < geo.kernel_h; ++j) {
+        if (geo.remove_center && i == geo.kernel_w / 2 && j == geo.kernel_h / 2) continue;
+        px.push_back(static_cast<acc_t>(i * geo.dilation_w - center_w));
+        py.push_back(static_cast<acc_t>(j * geo.dilation_h - center_h));
+      }
+    }
   }
-}
+
+  template <typename scalar_t>
+  void locate(int64_t ho, int64_t wo, const scalar_t* off, Corners<acc_t>* corners, char* inside) const {
+    const acc_t base_w = static_cast<acc_t>(wo * geo.stride_w - geo.pad_w + center_w);
+    const acc_t base_h = static_cast<acc_t>(ho * geo.stride_h - geo.pad_h + center_h);
+    for (int64_t p = 0; p < geo.points; ++p) {
+      const acc_t w = base_w + (px[p] + static_cast<acc_t>(off[2 * p])) * scale;
+      const acc_t h = base_h + (py[p] + static_cast<acc_t>(off[2 * p + 1])) * scale;
+      inside[p] = corners[p].locate(h, w, geo.height, geo.width);
+    }
+  }
+};
 
 // Calls f with the group width as a compile-time constant for the common widths (InternImage uses 16 and
 // 32), so the channel loops become a fixed number of vector instructions with no remainder or alias checks;
@@ -117,13 +124,9 @@ template <typename scalar_t, int64_t kD>
 void forward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                     scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> px, py;
-  kernel_points<acc_t>(geo, px, py);
+  const PointLocator<acc_t> locator(geo);
   const int64_t C = geo.channels(), D = kD > 0 ? kD : geo.group_channels, P = geo.points;
   const int64_t pixels = geo.batch * geo.out_h * geo.out_w;
-  const acc_t scale = static_cast<acc_t>(geo.offset_scale);
-  const int64_t center_w = geo.dilation_w * (geo.kernel_w - 1) / 2;
-  const int64_t center_h = geo.dilation_h * (geo.kernel_h - 1) / 2;
 
   at::parallel_for(0, pixels, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(D);
@@ -133,14 +136,12 @@ void forward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t* 
       const int64_t wo = pixel % geo.out_w;
       const int64_t ho = (pixel / geo.out_w) % geo.out_h;
       const int64_t n = pixel / (geo.out_w * geo.out_h);
-      const acc_t base_w = static_cast<acc_t>(wo * geo.stride_w - geo.pad_w + center_w);
-      const acc_t base_h = static_cast<acc_t>(ho * geo.stride_h - geo.pad_h + center_h);
       const scalar_t* image = input + n * geo.height * geo.width * C;
       for (int64_t g = 0; g < geo.group; ++g) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         const scalar_t* off = offset + (pixel * geo.group + g) * P * 2;
         const scalar_t* msk = mask + (pixel * geo.group + g) * P;
-        locate_points(geo, px, py, off, base_w, base_h, scale, corners.data(), inside.data());
+        locator.locate(ho, wo, off, corners.data(), inside.data());
         for (int64_t p = 0; p < P; ++p) {
           if (!inside[p]) continue;
           const Corners<acc_t>& c = corners[p];
@@ -173,13 +174,10 @@ void backward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t*
                      const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_input,
                      at::opmath_type<scalar_t>* grad_offset, at::opmath_type<scalar_t>* grad_mask) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> px, py;
-  kernel_points<acc_t>(geo, px, py);
+  const PointLocator<acc_t> locator(geo);
   const int64_t C = geo.channels(), D = kD > 0 ? kD : geo.group_channels, P = geo.points;
   const int64_t out_pixels = geo.out_h * geo.out_w;
-  const acc_t scale = static_cast<acc_t>(geo.offset_scale);
-  const int64_t center_w = geo.dilation_w * (geo.kernel_w - 1) / 2;
-  const int64_t center_h = geo.dilation_h * (geo.kernel_h - 1) / 2;
+  const acc_t scale = locator.scale;
 
   at::parallel_for(0, geo.batch * geo.group, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> top(D);
@@ -192,15 +190,13 @@ void backward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t*
       for (int64_t q = 0; q < out_pixels; ++q) {
         const int64_t pixel = n * out_pixels + q;
         const int64_t wo = q % geo.out_w, ho = q / geo.out_w;
-        const acc_t base_w = static_cast<acc_t>(wo * geo.stride_w - geo.pad_w + center_w);
-        const acc_t base_h = static_cast<acc_t>(ho * geo.stride_h - geo.pad_h + center_h);
         const scalar_t* grad_out = grad_output + pixel * C + g * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) top[d] = static_cast<acc_t>(grad_out[d]);
         const int64_t point_base = (pixel * geo.group + g) * P;
         const scalar_t* off = offset + point_base * 2;
         const scalar_t* msk = mask + point_base;
-        locate_points(geo, px, py, off, base_w, base_h, scale, corners.data(), inside.data());
+        locator.locate(ho, wo, off, corners.data(), inside.data());
         for (int64_t p = 0; p < P; ++p) {
           const Corners<acc_t>& c = corners[p];
           if (!inside[p]) {  // no corner contributes: zero gradients
