@@ -25,6 +25,16 @@ def core_op_backend(core_op: str, dcn_backend: str) -> str:
     return "reference" if core_op == "DCNv3_pytorch" else dcn_backend
 
 
+def softmax_over_points(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last (small) axis. `Tensor.softmax` is slow when that axis holds only the 9
+    points of a group (about 9 ns an element on the CPU, an eighth of an InternImage-T forward), so
+    without autograd it runs as four vectorised elementwise passes, in place."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return logits.softmax(dim=-1)
+    exp = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
+    return exp.div_(exp.sum(dim=-1, keepdim=True))
+
+
 class DCNv3(nn.Module):
     """Deformable convolution v3 on NHWC features (stride 1, the only stride the official module supports:
     offsets are predicted at the input resolution)."""
@@ -78,7 +88,7 @@ class DCNv3(nn.Module):
         # Offsets and mask come from the raw input through the depthwise branch, not from the value.
         guide = self.dw_conv(input.permute(0, 3, 1, 2))
         offset = self.offset(guide)
-        mask = self.mask(guide).reshape(n, h, w, self.group, self.points).softmax(dim=-1)
+        mask = softmax_over_points(self.mask(guide).reshape(n, h, w, self.group, self.points))
         mask = mask.reshape(n, h, w, self.group * self.points).to(value.dtype)
         k = self.kernel_size
         x = dcnv3_core(value, offset.to(value.dtype), mask, k, k, self.stride, self.stride, self.pad, self.pad,

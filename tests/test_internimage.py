@@ -284,3 +284,22 @@ def test_eval_transform_resizes_the_short_side_bicubic_and_centre_crops():
     assert resized.size == (106, 64)
     expected = normalize(to_tensor(center_crop(resized, 64)), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_fast_point_softmax_equals_softmax(requires_grad):
+    from internimage.dcnv3 import softmax_over_points
+    logits = (torch.randn(2, 5, 5, 4, 9) * 30).requires_grad_(requires_grad)
+    torch.testing.assert_close(softmax_over_points(logits), logits.softmax(-1))
+    if requires_grad:
+        softmax_over_points(logits).pow(2).sum().backward()
+        assert logits.grad is not None
+
+
+def test_benchmark_script_writes_its_table(tmp_path):
+    from internimage.bench import main
+    out = tmp_path / "bench.json"
+    result = main(["--batch", "1", "--size", "64", "--repeats", "1", "--warmup", "0", "--backends", "reference",
+                   "--peers", "convnext_tiny", "--out", str(out)])
+    assert out.is_file() and set(result["cpu"]) == {"internimage_t[reference]", "convnext_tiny"}
+    assert all(row["images_per_s"] > 0 for row in result["cpu"].values())
