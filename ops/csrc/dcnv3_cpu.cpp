@@ -120,6 +120,63 @@ void with_static_group_channels(int64_t group_channels, F&& f) {
   }
 }
 
+// The four weighted taps of every point of one (pixel, group), as structure-of-arrays so that one
+// vectorised pass locates all P points. The mask is folded into the bilinear weights; a point or corner
+// outside the image gets weight zero and an index clamped into the image, so the channel loop that
+// follows has no branches at all.
+template <typename acc_t>
+struct PointTaps {
+  std::vector<acc_t> weight[4];
+  std::vector<int64_t> offset[4];  // element offset of the corner pixel in the image: (h*W + w)*C
+
+  explicit PointTaps(int64_t points) {
+    for (int k = 0; k < 4; ++k) {
+      weight[k].resize(points);
+      offset[k].resize(points);
+    }
+  }
+
+  template <typename scalar_t>
+  void locate(const PointLocator<acc_t>& loc, int64_t ho, int64_t wo, const scalar_t* off, const scalar_t* msk) {
+    const Geometry& geo = loc.geo;
+    const acc_t base_w = static_cast<acc_t>(wo * geo.stride_w - geo.pad_w + loc.center_w);
+    const acc_t base_h = static_cast<acc_t>(ho * geo.stride_h - geo.pad_h + loc.center_h);
+    const acc_t height = static_cast<acc_t>(geo.height), width = static_cast<acc_t>(geo.width);
+    const int64_t H = geo.height, W = geo.width, C = geo.channels();
+    const acc_t* px = loc.px.data();
+    const acc_t* py = loc.py.data();
+    acc_t *w0 = weight[0].data(), *w1 = weight[1].data(), *w2 = weight[2].data(), *w3 = weight[3].data();
+    int64_t *o0 = offset[0].data(), *o1 = offset[1].data(), *o2 = offset[2].data(), *o3 = offset[3].data();
+#pragma omp simd
+    for (int64_t p = 0; p < geo.points; ++p) {
+      acc_t w = base_w + (px[p] + static_cast<acc_t>(off[2 * p])) * loc.scale;
+      acc_t h = base_h + (py[p] + static_cast<acc_t>(off[2 * p + 1])) * loc.scale;
+      // Outside (-1, H) x (-1, W) (or NaN) no corner contributes; park it at (-1, -1) for safe indices.
+      const bool inside = h > acc_t(-1) && w > acc_t(-1) && h < height && w < width;
+      h = inside ? h : acc_t(-1);
+      w = inside ? w : acc_t(-1);
+      const acc_t m = inside ? static_cast<acc_t>(msk[p]) : acc_t(0);
+      const acc_t h_floor = std::floor(h), w_floor = std::floor(w);
+      const int64_t h0 = static_cast<int64_t>(h_floor), w0i = static_cast<int64_t>(w_floor);
+      const acc_t lh = h - h_floor, lw = w - w_floor;
+      const acc_t h_low = h0 >= 0 ? (acc_t(1) - lh) * m : acc_t(0);
+      const acc_t h_high = h0 + 1 <= H - 1 ? lh * m : acc_t(0);
+      const acc_t w_low = w0i >= 0 ? acc_t(1) - lw : acc_t(0);
+      const acc_t w_high = w0i + 1 <= W - 1 ? lw : acc_t(0);
+      const int64_t hl = std::max<int64_t>(h0, 0), hu = std::min<int64_t>(h0 + 1, H - 1);
+      const int64_t wl = std::max<int64_t>(w0i, 0), wu = std::min<int64_t>(w0i + 1, W - 1);
+      w0[p] = h_low * w_low;
+      w1[p] = h_low * w_high;
+      w2[p] = h_high * w_low;
+      w3[p] = h_high * w_high;
+      o0[p] = (hl * W + wl) * C;
+      o1[p] = (hl * W + wu) * C;
+      o2[p] = (hu * W + wl) * C;
+      o3[p] = (hu * W + wu) * C;
+    }
+  }
+};
+
 template <typename scalar_t, int64_t kD>
 void forward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
                     scalar_t* output) {
@@ -130,8 +187,7 @@ void forward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t* 
 
   at::parallel_for(0, pixels, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(D);
-    std::vector<Corners<acc_t>> corners(P);
-    std::vector<char> inside(P);
+    PointTaps<acc_t> taps(P);
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const int64_t wo = pixel % geo.out_w;
       const int64_t ho = (pixel / geo.out_w) % geo.out_h;
@@ -139,18 +195,14 @@ void forward_kernel(const Geometry& geo, const scalar_t* input, const scalar_t* 
       const scalar_t* image = input + n * geo.height * geo.width * C;
       for (int64_t g = 0; g < geo.group; ++g) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        const scalar_t* off = offset + (pixel * geo.group + g) * P * 2;
-        const scalar_t* msk = mask + (pixel * geo.group + g) * P;
-        locator.locate(ho, wo, off, corners.data(), inside.data());
+        taps.locate(locator, ho, wo, offset + (pixel * geo.group + g) * P * 2, mask + (pixel * geo.group + g) * P);
+        const scalar_t* group_image = image + g * D;
         for (int64_t p = 0; p < P; ++p) {
-          if (!inside[p]) continue;
-          const Corners<acc_t>& c = corners[p];
-          const acc_t m = static_cast<acc_t>(msk[p]);
-          const acc_t w0 = c.weight[0] * m, w1 = c.weight[1] * m, w2 = c.weight[2] * m, w3 = c.weight[3] * m;
-          const scalar_t* v0 = image + c.index[0] * C + g * D;
-          const scalar_t* v1 = image + c.index[1] * C + g * D;
-          const scalar_t* v2 = image + c.index[2] * C + g * D;
-          const scalar_t* v3 = image + c.index[3] * C + g * D;
+          const acc_t w0 = taps.weight[0][p], w1 = taps.weight[1][p], w2 = taps.weight[2][p], w3 = taps.weight[3][p];
+          const scalar_t* v0 = group_image + taps.offset[0][p];
+          const scalar_t* v1 = group_image + taps.offset[1][p];
+          const scalar_t* v2 = group_image + taps.offset[2][p];
+          const scalar_t* v3 = group_image + taps.offset[3][p];
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             // Two independent pairs, then one add into acc: the chain carried from point to point is a
