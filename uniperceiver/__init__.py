@@ -1,0 +1,1 @@
+"""Uni-Perceiver: the text encoder, the shared decoder and the similarity readout of the generalist model."""
