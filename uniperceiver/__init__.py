@@ -1,1 +1,9 @@
 """Uni-Perceiver: the text encoder, the shared decoder and the similarity readout of the generalist model."""
+from .decoder import DecoderConfig, Modality, SharedDecoder
+from .image_encoder import ImageEncoder, ImageEncoderConfig
+from .model import UniPerceiver, UniPerceiverConfig, tiny_config
+from .readout import SimilarityReadout
+from .text_encoder import TextEncoder, TextEncoderConfig
+
+__all__ = ["DecoderConfig", "ImageEncoder", "ImageEncoderConfig", "Modality", "SharedDecoder", "SimilarityReadout",
+           "TextEncoder", "TextEncoderConfig", "UniPerceiver", "UniPerceiverConfig", "tiny_config"]

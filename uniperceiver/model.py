@@ -1,0 +1,273 @@
+"""UniPerceiver: the generalist model. Every task ranks candidate targets by the cosine similarity of
+their representations: an input sequence and each candidate are encoded separately by the same decoder,
+and the output at a <SPE> token represents a sequence.
+
+Sequences (see DESIGN.md and notes/uniperceiver-family.md):
+- image:      [SPE, global tokens, patch tokens]                    -> SPE output
+- text:       [SPE, text-encoder states]                            -> SPE output
+- VQA input:  [SPE, image tokens, question states, SPE query]       -> query output, vs answers as texts
+- caption:    [SPE, image tokens, words, one SPE query per word]    -> query j output, vs the vocabulary
+Caption words enter the decoder as single-token features (each vocabulary token encoded alone by the text
+encoder), the same features that represent the vocabulary as candidates: a contextual encoding of the whole
+caption would let word j leak into the states of the words before it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .decoder import DecoderConfig, Modality, SharedDecoder
+from .image_encoder import ImageEncoder, ImageEncoderConfig
+from .masks import padded_caption_attention_mask
+from .readout import DEFAULT_FAMILIES, SimilarityReadout
+from .text_encoder import TextEncoder, TextEncoderConfig
+
+ARCHITECTURE = "UniPerceiver"
+CONFIG_FILE, WEIGHTS_FILE, TEXT_FOLDER = "config.json", "model.safetensors", "text_model"
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass
+class UniPerceiverConfig:
+    """The whole model as data: what `save_pretrained` writes to config.json."""
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    embed_dim: int = 256
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    caption_vocab: list[int] | None = None  # candidate token ids for captioning; None = every non-special token
+    max_caption_length: int = 20
+
+    def __post_init__(self):
+        for name, kind in (("image", ImageEncoderConfig), ("text", TextEncoderConfig), ("decoder", DecoderConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_dict(kind, value, f"config.{name}"))
+        self.families = tuple(self.families)
+        self.text.width = self.decoder.width  # text states enter the decoder directly
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": ARCHITECTURE, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "UniPerceiverConfig":
+        data = dict(data)
+        architecture = data.pop("architecture", ARCHITECTURE)
+        if architecture != ARCHITECTURE:
+            raise ValueError(f"{source}: architecture is {architecture!r}, expected {ARCHITECTURE!r}")
+        return _from_dict(cls, data, source)
+
+
+def tiny_config(**overrides) -> UniPerceiverConfig:
+    """A model that trains on a laptop CPU in seconds: a toy InternImage, the built-in tiny Llama text model,
+    a 2-layer decoder of width 64. The configuration of the tests and of the built-in recipe."""
+    base = dict(
+        image=dict(backbone="internimage_t", num_global_tokens=2, image_size=64,
+                   backbone_overrides=dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8), drop_path_rate=0.0)),
+        text=dict(name_or_path="builtin-tiny", mode="full"),
+        decoder=dict(width=64, depth=2, heads=4),
+        embed_dim=64)
+    for key, value in overrides.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return UniPerceiverConfig.from_dict(base)
+
+
+def _from_dict(kind, data: dict[str, Any], source: str):
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; {kind.__name__} has {sorted(known)}")
+    return kind(**data)
+
+
+class UniPerceiver(nn.Module):
+    """Image encoder + text encoder -> shared decoder -> similarity readout."""
+
+    def __init__(self, config: UniPerceiverConfig | dict | None = None, load_text_weights: bool = True,
+                 load_image_checkpoint: bool = True):
+        super().__init__()
+        if isinstance(config, dict):
+            config = UniPerceiverConfig.from_dict(config)
+        self.config = config = config or UniPerceiverConfig()
+        width = config.decoder.width
+        image_config = config.image if load_image_checkpoint else ImageEncoderConfig(
+            **{**config.image.to_dict(), "checkpoint": None})
+        self.image_encoder = ImageEncoder(image_config, width)
+        self.text_encoder = TextEncoder(config.text, load_weights=load_text_weights)
+        self.decoder = SharedDecoder(config.decoder)
+        self.readout = SimilarityReadout(width, config.embed_dim, config.families)
+        self.register_buffer("caption_vocab", torch.tensor(self._caption_vocab(), dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------------------------------ tokens
+    @property
+    def tokenizer(self):
+        return self.text_encoder.tokenizer
+
+    def _caption_vocab(self) -> list[int]:
+        tokenizer = self.tokenizer
+        if self.config.caption_vocab is not None:
+            vocab = sorted(set(self.config.caption_vocab) | {tokenizer.eos_token_id})
+        else:
+            special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
+            vocab = [i for i in range(len(tokenizer)) if i not in special]
+        bad = [i for i in vocab if not 0 <= i < len(tokenizer)]
+        if bad:
+            raise ValueError(f"config.caption_vocab: token ids {bad[:5]} are outside the tokenizer's {len(tokenizer)}")
+        return vocab
+
+    def caption_token_ids(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Captions -> indices into `caption_vocab` (B, L) ending with end-of-sequence, and lengths (B,).
+        Tokens outside the caption vocabulary raise, naming the caption."""
+        eos = self.tokenizer.eos_token_id
+        position = {int(t): i for i, t in enumerate(self.caption_vocab.tolist())}
+        rows = []
+        for caption in captions:
+            ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"][: self.config.max_caption_length - 1]
+            ids.append(eos)
+            missing = [t for t in ids if t not in position]
+            if missing:
+                raise ValueError(f"caption {caption!r}: tokens {self.tokenizer.convert_ids_to_tokens(missing)} are not "
+                                 "in config.caption_vocab")
+            rows.append([position[t] for t in ids])
+        lengths = torch.tensor([len(r) for r in rows])
+        padded = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = torch.tensor(row)
+        return padded.to(self.caption_vocab.device), lengths.to(self.caption_vocab.device)
+
+    def vocabulary_features(self, token_ids: Tensor | None = None) -> Tensor:
+        """Each token encoded alone by the text encoder: (V, width) for `token_ids` (default the caption vocab)."""
+        token_ids = self.caption_vocab if token_ids is None else token_ids
+        batch = {"input_ids": token_ids[:, None], "attention_mask": torch.ones_like(token_ids)[:, None]}
+        features, _ = self.text_encoder(batch)
+        return features[:, 0]
+
+    # ---------------------------------------------------------------------------------------- encoders
+    def image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.image_encoder(images)
+
+    def text_tokens(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        features, valid = self.text_encoder(list(texts))
+        return features, valid
+
+    def _spe_output(self, tokens: Tensor, kinds: Tensor, valid: Tensor | None = None) -> Tensor:
+        tokens, kinds = self.decoder.prepend_spe(tokens, kinds)
+        if valid is not None:
+            valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+        return self.decoder(tokens, kinds, valid=valid).hidden_states[:, 0]
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) normalised images -> (B, embed_dim) embeddings (unit norm)."""
+        tokens, kinds = self.image_tokens(images)
+        return self.readout(self._spe_output(tokens, kinds))
+
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        """Texts -> (B, embed_dim) embeddings (unit norm)."""
+        tokens, valid = self.text_tokens(texts)
+        kinds = torch.full(valid.shape, int(Modality.TEXT), device=valid.device)
+        return self.readout(self._spe_output(tokens, kinds, valid))
+
+    def encode_words(self, token_ids: Tensor | None = None) -> Tensor:
+        """Vocabulary candidates [SPE, token] -> (V, embed_dim): what caption queries are ranked against."""
+        features = self.vocabulary_features(token_ids)[:, None]
+        kinds = torch.full(features.shape[:2], int(Modality.TEXT), device=features.device)
+        return self.readout(self._spe_output(features, kinds))
+
+    def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> Tensor:
+        """One vector per class: the normalised mean of its normalised template embeddings."""
+        texts = [template.format(name) for name in class_names for template in templates]
+        embeddings = self.encode_text(texts).view(len(class_names), len(templates), -1)
+        return F.normalize(embeddings.mean(dim=1), dim=-1)
+
+    def vqa_query(self, images: Tensor, questions: Sequence[str]) -> Tensor:
+        """[SPE, image, question, SPE query] -> the query's embedding (B, embed_dim)."""
+        image_tokens, image_kinds = self.image_tokens(images)
+        text, text_valid = self.text_tokens(questions)
+        batch = image_tokens.shape[0]
+        tokens = torch.cat([image_tokens, text], dim=1)
+        kinds = torch.cat([image_kinds, torch.full(text_valid.shape, int(Modality.TEXT), device=text.device)], 1)
+        tokens, kinds = self.decoder.prepend_spe(tokens, kinds)
+        tokens, kinds = self.decoder.append_spe_queries(tokens, kinds, 1)
+        ones = torch.ones(batch, 1 + image_tokens.shape[1], dtype=torch.bool, device=text.device)
+        valid = torch.cat([ones, text_valid, ones[:, :1]], dim=1)
+        hidden = self.decoder(tokens, kinds, valid=valid).hidden_states
+        return self.readout(hidden[:, -1])
+
+    # ------------------------------------------------------------------------------------- captioning
+    def caption_prefix(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.image_tokens(images)
+
+    def caption_logits(self, images: Tensor, word_indices: Tensor, lengths: Tensor,
+                       word_embeddings: Tensor | None = None) -> Tensor:
+        """Teacher-forced captioning: (B, L, V) logits of every word position over the caption vocabulary,
+        all positions in one parallel pass under the caption mask."""
+        prefix, prefix_kinds = self.caption_prefix(images)
+        vocab_features = self.vocabulary_features()
+        words = vocab_features[word_indices]
+        inputs = self.decoder.caption_inputs(prefix, prefix_kinds, words)
+        mask = padded_caption_attention_mask(1 + prefix.shape[1], lengths, word_indices.shape[1]).to(words.device)
+        hidden = self.decoder(inputs.tokens, inputs.modality_ids, inputs.position_ids,
+                              attention_mask=mask).hidden_states
+        queries = self.readout(hidden[:, inputs.layout.queries])
+        candidates = self.encode_words() if word_embeddings is None else word_embeddings
+        return self.readout.similarity(queries, candidates, "caption")
+
+    @torch.no_grad()
+    def caption(self, images: Tensor, beams: int = 1, max_length: int | None = None) -> list[str]:
+        """Captions by greedy (beams=1) or beam search over the caption vocabulary, with the decoder's
+        key/value cache: each step appends the previous word to the cache and runs one SPE query."""
+        from .generation import beam_search
+        return beam_search(self, images, beams=beams, max_length=max_length or self.config.max_caption_length)
+
+    # --------------------------------------------------------------------------------- task front-ends
+    @torch.no_grad()
+    def classify(self, images: Tensor, class_names: Sequence[str],
+                 templates: Sequence[str] = DEFAULT_TEMPLATES) -> Tensor:
+        """Zero-shot classification: (B, num_classes) probabilities."""
+        logits = self.readout.similarity(self.encode_image(images), self.class_embeddings(class_names, templates),
+                                         "classification")
+        return logits.softmax(dim=-1)
+
+    @torch.no_grad()
+    def answer(self, images: Tensor, questions: Sequence[str], answers: Sequence[str]) -> list[str]:
+        """VQA by ranking the candidate answers."""
+        logits = self.readout.similarity(self.vqa_query(images, questions), self.encode_text(answers), "vqa")
+        return [answers[i] for i in logits.argmax(dim=-1).tolist()]
+
+    # ------------------------------------------------------------------------------------------- I/O
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """config.json + model.safetensors + the tokenizer and text-model config in text_model/."""
+        from safetensors.torch import save_model
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.text_encoder.save_text_model(folder / TEXT_FOLDER, weights=False)
+        config = self.config.to_dict()
+        config["text"]["name_or_path"] = TEXT_FOLDER  # relative: the folder can move
+        config["image"]["checkpoint"] = None          # the weights are in model.safetensors
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        save_model(self, str(folder / WEIGHTS_FILE))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "UniPerceiver":
+        from safetensors.torch import load_model
+        folder = Path(folder)
+        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TEXT_FOLDER) if not (folder / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"UniPerceiver.from_pretrained({folder}): missing {missing}; a saved model "
+                                    f"folder holds {CONFIG_FILE}, {WEIGHTS_FILE} and {TEXT_FOLDER}/")
+        data = json.loads((folder / CONFIG_FILE).read_text())
+        config = UniPerceiverConfig.from_dict(data, source=str(folder / CONFIG_FILE))
+        config.text.name_or_path = str(folder / TEXT_FOLDER)
+        model = cls(config, load_text_weights=False, load_image_checkpoint=False)
+        missing_keys, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(map_location))
+        if missing_keys or unexpected:
+            raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the model of {folder / CONFIG_FILE}: "
+                             f"missing {sorted(missing_keys)[:10]}, unexpected {sorted(unexpected)[:10]}")
+        return model.eval()
