@@ -69,7 +69,7 @@ def tiny_config(**overrides) -> UniPerceiverConfig:
     a 2-layer decoder of width 64. The configuration of the tests and of the built-in recipe."""
     base = dict(
         image=dict(backbone="internimage_t", num_global_tokens=2, image_size=64,
-                   backbone_overrides=dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8), drop_path_rate=0.0)),
+                   backbone_overrides=dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)),
         text=dict(name_or_path="builtin-tiny", mode="full"),
         decoder=dict(width=64, depth=2, heads=4),
         embed_dim=64)
