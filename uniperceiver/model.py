@@ -7,6 +7,7 @@ Sequences (see DESIGN.md and notes/uniperceiver-family.md):
 - text:       [SPE, text-encoder states]                            -> SPE output
 - VQA input:  [SPE, image tokens, question states, SPE query]       -> query output, vs answers as texts
 - caption:    [SPE, image tokens, words, one SPE query per word]    -> query j output, vs the vocabulary
+- open VQA:   [SPE, image tokens, question states, words, queries] -> as caption, conditioned on the question
 Caption words enter the decoder as single-token features (each vocabulary token encoded alone by the text
 encoder), the same features that represent the vocabulary as candidates: a contextual encoding of the whole
 caption would let word j leak into the states of the words before it.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .decoder import DecoderConfig, Modality, SharedDecoder
+from .generation import packed_positions
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .masks import padded_caption_attention_mask
 from .readout import DEFAULT_FAMILIES, SimilarityReadout
@@ -71,7 +73,9 @@ def tiny_config(**overrides) -> UniPerceiverConfig:
         image=dict(backbone="internimage_t", num_global_tokens=2, image_size=64,
                    backbone_overrides=dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)),
         text=dict(name_or_path="builtin-tiny", mode="full"),
-        decoder=dict(width=64, depth=2, heads=4),
+        # No layer scale: at 1e-3 a 2-layer decoder starts with every <SPE> output nearly identical (cosine
+        # 0.9999998 between inputs) and a tiny model fails to separate a handful of examples.
+        decoder=dict(width=64, depth=2, heads=4, layer_scale_init=None),
         embed_dim=64)
     for key, value in overrides.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
@@ -196,34 +200,60 @@ class UniPerceiver(nn.Module):
         tokens, kinds = self.decoder.append_spe_queries(tokens, kinds, 1)
         ones = torch.ones(batch, 1 + image_tokens.shape[1], dtype=torch.bool, device=text.device)
         valid = torch.cat([ones, text_valid, ones[:, :1]], dim=1)
-        hidden = self.decoder(tokens, kinds, valid=valid).hidden_states
+        # Positions count real tokens only: a sample's answer does not depend on its batch's padding.
+        hidden = self.decoder(tokens, kinds, packed_positions(valid), valid=valid).hidden_states
         return self.readout(hidden[:, -1])
 
     # ------------------------------------------------------------------------------------- captioning
     def caption_prefix(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.image_tokens(images)
 
+    def generation_prefix(self, images: Tensor, prompts: Sequence[str] | None = None
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+        """What generated words are conditioned on (the <SPE> excluded): image tokens, followed by the
+        text-encoder states of `prompts` (e.g. VQA questions) when given. Returns tokens (B, P, width),
+        modality ids (B, P) and valid (B, P), False for prompt padding."""
+        tokens, kinds = self.caption_prefix(images)
+        valid = torch.ones(kinds.shape, dtype=torch.bool, device=kinds.device)
+        if prompts is None:
+            return tokens, kinds, valid
+        if len(prompts) != tokens.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {tokens.shape[0]} images")
+        text, text_valid = self.text_tokens(prompts)
+        text_kinds = torch.full(text_valid.shape, int(Modality.TEXT), device=kinds.device)
+        return (torch.cat([tokens, text.to(tokens.dtype)], 1), torch.cat([kinds, text_kinds], 1),
+                torch.cat([valid, text_valid.to(valid.device)], 1))
+
     def caption_logits(self, images: Tensor, word_indices: Tensor, lengths: Tensor,
-                       word_embeddings: Tensor | None = None) -> Tensor:
+                       word_embeddings: Tensor | None = None, prompts: Sequence[str] | None = None) -> Tensor:
         """Teacher-forced captioning: (B, L, V) logits of every word position over the caption vocabulary,
-        all positions in one parallel pass under the caption mask."""
-        prefix, prefix_kinds = self.caption_prefix(images)
+        all positions in one parallel pass under the caption mask. With `prompts` (VQA questions) the words
+        are also conditioned on them: the generation loss of open-ended answers."""
+        prefix, prefix_kinds, prefix_valid = self.generation_prefix(images, prompts)
         vocab_features = self.vocabulary_features()
         words = vocab_features[word_indices]
         inputs = self.decoder.caption_inputs(prefix, prefix_kinds, words)
-        mask = padded_caption_attention_mask(1 + prefix.shape[1], lengths, word_indices.shape[1]).to(words.device)
-        hidden = self.decoder(inputs.tokens, inputs.modality_ids, inputs.position_ids,
-                              attention_mask=mask).hidden_states
+        prefix_valid = torch.cat([torch.ones_like(prefix_valid[:, :1]), prefix_valid], dim=1)
+        num_words = word_indices.shape[1]
+        mask = padded_caption_attention_mask(prefix_valid.shape[1], lengths.to(words.device), num_words,
+                                             prefix_valid).to(words.device)
+        # The layout's positions, with prompt padding squeezed out (as at inference, see generation.start).
+        word_positions = prefix_valid.sum(1, keepdim=True) + torch.arange(num_words, device=words.device)
+        positions = torch.cat([packed_positions(prefix_valid), word_positions, word_positions], dim=1)
+        hidden = self.decoder(inputs.tokens, inputs.modality_ids, positions, attention_mask=mask).hidden_states
         queries = self.readout(hidden[:, inputs.layout.queries])
         candidates = self.encode_words() if word_embeddings is None else word_embeddings
         return self.readout.similarity(queries, candidates, "caption")
 
     @torch.no_grad()
-    def caption(self, images: Tensor, beams: int = 1, max_length: int | None = None) -> list[str]:
+    def caption(self, images: Tensor, beams: int = 1, max_length: int | None = None,
+                prompts: Sequence[str] | None = None) -> list[str]:
         """Captions by greedy (beams=1) or beam search over the caption vocabulary, with the decoder's
-        key/value cache: each step appends the previous word to the cache and runs one SPE query."""
+        key/value cache: each step appends the previous word to the cache and runs one SPE query.
+        `prompts` condition the text on a prompt after the image (open-ended VQA)."""
         from .generation import beam_search
-        return beam_search(self, images, beams=beams, max_length=max_length or self.config.max_caption_length)
+        return beam_search(self, images, beams=beams, max_length=max_length or self.config.max_caption_length,
+                           prompts=prompts)
 
     # --------------------------------------------------------------------------------- task front-ends
     @torch.no_grad()
@@ -235,8 +265,12 @@ class UniPerceiver(nn.Module):
         return logits.softmax(dim=-1)
 
     @torch.no_grad()
-    def answer(self, images: Tensor, questions: Sequence[str], answers: Sequence[str]) -> list[str]:
-        """VQA by ranking the candidate answers."""
+    def answer(self, images: Tensor, questions: Sequence[str], answers: Sequence[str] | None = None,
+               beams: int = 1, max_length: int | None = None) -> list[str]:
+        """VQA by ranking the candidate `answers`, or, without them, open-ended answers generated word by
+        word conditioned on [image, question] (a model trained with the generative VQA loss)."""
+        if answers is None:
+            return self.caption(images, beams=beams, max_length=max_length, prompts=questions)
         logits = self.readout.similarity(self.vqa_query(images, questions), self.encode_text(answers), "vqa")
         return [answers[i] for i in logits.argmax(dim=-1).tolist()]
 

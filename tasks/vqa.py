@@ -1,0 +1,130 @@
+"""Visual question answering. Two ways to answer, one task:
+- "rank" (Uni-Perceiver's VQA): the SPE query after [image, question] is ranked against every answer of an
+  answer list, each encoded as a text; cross-entropy with label smoothing over the list.
+- "generate" (open-ended): the answer is a short caption conditioned on [image, question], trained with the
+  captioning loss and decoded by the caption machinery (greedy or beam search with the key/value cache).
+
+VQAv2's answer list is its `top_k` = 3,129 most frequent answers: `vqav2_answer_list(annotations.json)`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Task, register_task, require_fields, stack_images
+from .captioning import caption_loss
+
+VQAV2_NUM_ANSWERS = 3129
+MODES = ("rank", "generate")
+
+
+def normalize_answer(answer: str) -> str:
+    """Lower case, single spaces, no surrounding spaces or final period: "Yes." and " yes" are one answer."""
+    return re.sub(r"\s+", " ", answer.strip().lower()).rstrip(".").strip()
+
+
+def vqav2_answer_list(annotations_json_path: str | Path | Sequence[str | Path],
+                      top_k: int = VQAV2_NUM_ANSWERS) -> list[str]:
+    """The `top_k` most frequent `multiple_choice_answer`s of official VQAv2 annotation files (e.g.
+    v2_mscoco_train2014_annotations.json, optionally with the val file), most frequent first, ties in
+    alphabetical order; answers are normalised by `normalize_answer`."""
+    paths = [annotations_json_path] if isinstance(annotations_json_path, (str, Path)) else annotations_json_path
+    if top_k < 1:
+        raise ValueError(f"vqav2_answer_list: top_k must be >= 1, got {top_k}")
+    counts: Counter[str] = Counter()
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"VQAv2 annotations file {path} does not exist (expected the official "
+                                    "v2_mscoco_*_annotations.json)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"VQAv2 annotations file {path} is not valid JSON: {error}") from error
+        annotations = data.get("annotations") if isinstance(data, dict) else None
+        if not isinstance(annotations, list):
+            raise ValueError(f"VQAv2 annotations file {path}: expected a JSON object with an 'annotations' list "
+                             "(the official v2_mscoco_*_annotations.json format)")
+        for i, annotation in enumerate(annotations):
+            answer = annotation.get("multiple_choice_answer") if isinstance(annotation, dict) else None
+            if not isinstance(answer, str):
+                raise ValueError(f"VQAv2 annotations file {path}: annotations[{i}] has no string "
+                                 "'multiple_choice_answer'")
+            counts[normalize_answer(answer)] += 1
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [answer for answer, _ in ranked[:top_k]]
+
+
+@register_task("vqa")
+class VQATask(Task):
+    """batch: {"images": (B, 3, H, W), "questions": list[str], "answers": list[str] (targets),
+    "answer_list": list[str] (candidates, mode "rank"; every target must be in it: leave out, or map, the
+    questions whose answer is not, as VQAv2 training does)}. Predictions: answer strings.
+
+    mode: "rank" over the answer list, or "generate" open-ended answers (no answer list needed).
+    label_smoothing: of the ranking loss, 0.1 as Uni-Perceiver; the generation loss is plain cross-entropy.
+    beams, max_length: decoding of "generate".
+    """
+
+    family = "vqa"
+
+    def __init__(self, answer_list: Sequence[str] | None = None, mode: str = "rank", label_smoothing: float = 0.1,
+                 beams: int = 1, max_length: int | None = None, image_size: int = 224):
+        super().__init__(image_size)
+        if mode not in MODES:
+            raise ValueError(f"vqa: unknown mode {mode!r}; expected one of {MODES}")
+        self.answer_list = list(answer_list) if answer_list is not None else None
+        self.mode, self.label_smoothing, self.beams, self.max_length = mode, label_smoothing, beams, max_length
+
+    def format_batch(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Samples with "image", "question" and "answer" (normalised by `normalize_answer`); the task's
+        answer list goes into the batch."""
+        require_fields(samples, ["image", "question", "answer"], self.name)
+        batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
+                 "questions": [s["question"] for s in samples],
+                 "answers": [normalize_answer(s["answer"]) for s in samples]}
+        if self.answer_list is not None:
+            batch["answer_list"] = self.answer_list
+        return batch
+
+    def _answer_list(self, batch: dict[str, Any]) -> list[str]:
+        answer_list = batch.get("answer_list", self.answer_list)
+        if not answer_list:
+            raise ValueError(f"task {self.name!r} (mode 'rank') needs an answer list: give the batch an "
+                             "'answer_list' or the task answer_list=...")
+        return list(answer_list)
+
+    def targets(self, batch: dict[str, Any]) -> Tensor:
+        """(B,) indices of the target answers in the answer list."""
+        answer_list = self._answer_list(batch)
+        index = {answer: i for i, answer in enumerate(answer_list)}
+        missing = [answer for answer in batch["answers"] if answer not in index]
+        if missing:
+            raise ValueError(f"task {self.name!r}: answers {missing[:5]} are not in the answer list of "
+                             f"{len(answer_list)} answers")
+        return torch.tensor([index[answer] for answer in batch["answers"]])
+
+    def loss(self, model, batch: dict[str, Any]) -> Tensor:
+        device = model.caption_vocab.device
+        images = batch["images"].to(device)
+        if self.mode == "generate":
+            word_indices, lengths = model.caption_token_ids(batch["answers"])
+            logits = model.caption_logits(images, word_indices, lengths, prompts=batch["questions"])
+            return caption_loss(logits, word_indices, lengths)
+        targets = self.targets(batch).to(device)
+        logits = model.readout.similarity(model.vqa_query(images, batch["questions"]),
+                                          model.encode_text(self._answer_list(batch)), self.family)
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+
+    @torch.no_grad()
+    def predict(self, model, batch: dict[str, Any]) -> list[str]:
+        images = batch["images"].to(model.caption_vocab.device)
+        if self.mode == "generate":
+            return model.answer(images, batch["questions"], beams=self.beams, max_length=self.max_length)
+        return model.answer(images, batch["questions"], self._answer_list(batch))
