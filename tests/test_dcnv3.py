@@ -231,3 +231,28 @@ def test_auto_falls_back_to_the_reference_with_one_warning_when_the_kernel_canno
         dcnv3_core(x, offset, mask, *scalars)  # the second call is silent
     with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler found"):
         dcnv3_core(x, offset, mask, *scalars, backend="cpu")
+
+
+@pytest.mark.parametrize("channels, remove_center", [(8, False), (16, False), (16, True), (32, False)])
+def test_cpu_float32_vectorised_backward_with_points_outside(channels, remove_center):
+    # float32 with 8, 16 or 32 channels per group takes the kernel's vectorised paths; offsets up to 20 px
+    # send many points partly or wholly outside the image.
+    (x, offset, mask), scalars = make_case(n=2, height=9, width=8, group=3, channels=channels, kernel=3, pad=1,
+                                           remove_center=remove_center, offset_range=20.0, dtype=torch.float64)
+    low = [t.float() for t in (x, offset, mask)]
+    out_ref, grads_ref = forward_and_grads(dcnv3_core_reference, [t.double() for t in low], scalars)
+    out_cpu, grads_cpu = forward_and_grads(cpu_kernel, low, scalars)
+    torch.testing.assert_close(out_cpu.double(), out_ref, rtol=1e-5, atol=1e-5)
+    for name, got, expected in zip(("input", "offset", "mask"), grads_cpu, grads_ref):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad_{name}: {m}")
+
+
+def test_cpu_backward_of_an_image_too_large_for_the_compact_buffers():
+    # One (n, g) slice of 600*600 pixels * 8 channels in float64 is 23 MB, above the 16 MiB the backward copies
+    # into per-thread buffers: the kernel then works on the tensors in place.
+    tensors, scalars = make_case(n=1, height=600, width=600, group=1, channels=8, offset_range=3.0)
+    out_ref, grads_ref = forward_and_grads(dcnv3_core_reference, tensors, scalars)
+    out_cpu, grads_cpu = forward_and_grads(cpu_kernel, tensors, scalars)
+    for name, got, expected in zip(("input", "offset", "mask"), grads_cpu, grads_ref):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad_{name}: {m}")
