@@ -6,7 +6,9 @@ word the shapes dataset can say is a known token.
 """
 from __future__ import annotations
 
+import functools
 import random
+import re
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -17,6 +19,17 @@ MAX_SHAPES = 4
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 YES_NO = ("yes", "no")
 CAPTION_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture showing {}")
+# The questions of the shapes world, by kind; the corpus and the shapes dataset ask exactly these.
+QUESTIONS = {
+    "colour": "what colour is the {shape}?",
+    "shape": "what shape is the {colour} object?",
+    "count": "how many shapes are there?",
+    "count_shape": "how many {shapes} are there?",
+    "count_colour": "how many {colour} shapes are there?",
+    "exists": "is there {object}?",
+    "relation": "is the {colour} {shape} {relation} the {other_colour} {other_shape}?",
+    "where": "where is the {colour} {shape} relative to the {other_colour} {other_shape}?",
+}
 
 
 def _article(word: str) -> str:
@@ -51,22 +64,24 @@ def scene_texts(scene: list[tuple[str, str]], rng: random.Random) -> list[str]:
     objects = [describe(c, s) for c, s in scene]
     texts = [rng.choice(CAPTION_TEMPLATES).format(join_phrases(objects))]
     colour, shape = scene[0]
-    texts += [f"what colour is the {shape}?", colour, f"what shape is the {colour} object?", shape]
-    texts += ["how many shapes are there?", COUNT_WORDS[len(scene)]]
+    texts += [QUESTIONS["colour"].format(shape=shape), colour, QUESTIONS["shape"].format(colour=colour), shape]
+    texts += [QUESTIONS["count"], COUNT_WORDS[len(scene)]]
     n_shape = sum(s == shape for _, s in scene)
-    texts += [f"how many {PLURALS[shape]} are there?", COUNT_WORDS[n_shape], count_phrase(n_shape, None, shape)]
+    texts += [QUESTIONS["count_shape"].format(shapes=PLURALS[shape]), COUNT_WORDS[n_shape],
+              count_phrase(n_shape, None, shape)]
     n_colour = sum(c == colour for c, _ in scene)
-    texts += [f"how many {colour} shapes are there?", COUNT_WORDS[n_colour]]
+    texts += [QUESTIONS["count_colour"].format(colour=colour), COUNT_WORDS[n_colour]]
     other_colour, other_shape = rng.choice(COLOURS), rng.choice(SHAPES)
     present = (other_colour, other_shape) in scene
-    texts += [f"is there {describe(other_colour, other_shape)}?", YES_NO[0 if present else 1]]
+    texts += [QUESTIONS["exists"].format(object=describe(other_colour, other_shape)), YES_NO[0 if present else 1]]
     if len(scene) > 1:
         relation = rng.choice(list(RELATIONS))
         (c1, s1), (c2, s2) = scene[0], scene[1]
         texts += [f"{describe(c1, s1)} {relation} {describe(c2, s2)}",
                   f"{describe(c2, s2)} {RELATIONS[relation]} {describe(c1, s1)}",
-                  f"is the {c1} {s1} {relation} the {c2} {s2}?", rng.choice(YES_NO),
-                  f"where is the {c1} {s1} relative to the {c2} {s2}?", relation]
+                  QUESTIONS["relation"].format(colour=c1, shape=s1, relation=relation, other_colour=c2,
+                                               other_shape=s2), rng.choice(YES_NO),
+                  QUESTIONS["where"].format(colour=c1, shape=s1, other_colour=c2, other_shape=s2), relation]
     return texts
 
 
@@ -81,3 +96,14 @@ def shapes_corpus(num_scenes: int = 500, seed: int = 0) -> list[str]:
     for _ in range(num_scenes):
         texts += scene_texts(random_scene(rng), rng)
     return texts
+
+
+def words(text: str) -> list[str]:
+    """The lower-case words of a text, punctuation dropped: "what colour is the star?" -> [..., "star"]."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> frozenset[str]:
+    """Every word of the default corpus (`shapes_corpus()`), which the built-in tokenizer is trained on."""
+    return frozenset(word for text in shapes_corpus() for word in words(text))

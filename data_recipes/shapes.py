@@ -1,0 +1,487 @@
+"""The built-in synthetic dataset "shapes": small images of one to four coloured shapes on noisy backgrounds,
+each with captions, question-answer pairs, a class label and COCO boxes. It is deterministic from a seed and
+is generated on first use (a few seconds) into the project cache as a Hugging Face dataset on disk.
+
+    from data_recipes.shapes import ShapesConfig, build_shapes_dataset
+    data = build_shapes_dataset()              # DatasetDict: train 2000 / val 200 / test 200 images, 64 x 64
+    data["train"][0]["captions"][0]            # 'a red circle and two blue stars' (the training target)
+
+The world is made to be learnt by a tiny model at low resolution:
+- shapes never overlap (boxes keep a gap), so every shape is whole and every box is tight and unoccluded;
+- a scene of several shapes has exactly one large shape, the others are small; a lone shape is either size;
+- `label` is the colour of the largest shape (`ShapesConfig.label="shape"`: its shape); `class_names(config)`;
+- captions name the shapes left to right, identical ones grouped ("two green triangles"); the first caption is
+  the bare description, the others put it in `text_corpus.CAPTION_TEMPLATES` ("a photo of ...");
+- questions are asked only when their answer is unambiguous: "what colour is the star?" only if there is one
+  star; a relation holds when one box lies wholly on that side of the other ("left of": it ends before the
+  other begins), and "where is ...?" only when exactly one relation holds. Answers come from `answer_list`.
+- `objects` are COCO-style: bbox [x, y, w, h] in pixels, category = index of the shape in `config.shapes`,
+  which is also the id in `coco_categories(config)`.
+
+Every word comes from `data_recipes.text_corpus`, the corpus the built-in tokenizer is trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .text_corpus import (CAPTION_TEMPLATES, COLOURS, COUNT_WORDS, MAX_SHAPES, PLURALS, QUESTIONS, RELATIONS,
+                          SHAPES, YES_NO, count_phrase, describe, join_phrases)
+
+# Bump when a change here changes the data: cached builds are keyed by it (and by the config).
+GENERATOR_VERSION = 1
+SPLITS = ("train", "val", "test")
+# Hexagons are left out by default: at 64 pixels a small one is hard to tell from a circle.
+DEFAULT_SHAPES = ("circle", "square", "triangle", "star", "diamond")
+LABEL_KINDS = ("colour", "shape")
+QA_TYPES = ("colour", "shape", "count", "position", "yes_no")
+# Well separated, saturated RGB colours; each object is drawn with a small random shift of its colour.
+PALETTE = {"red": (220, 40, 40), "green": (50, 185, 60), "blue": (45, 85, 235), "yellow": (240, 225, 50),
+           "purple": (155, 60, 210), "orange": (250, 140, 30)}
+# The side of an object's square box, as a fraction of the image side (14 and 23 pixels at 64).
+SIZES = {"small": 0.22, "large": 0.36}
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
+CONFIG_FILE = "shapes_config.json"  # written last into a built folder: it marks the build as complete
+CACHE_ENV = "INTERN25_CACHE_DIR"
+TEMPORARY_PREFIX = ".building-"  # <parent>/.building-<name>-<pid>-<random>: a build in progress
+
+
+def cache_dir() -> Path:
+    """The project's cache: $INTERN25_CACHE_DIR, else $XDG_CACHE_HOME/intern25, else ~/.cache/intern25.
+    The same rule as `uniperceiver.tiny_text_model.cache_dir`, repeated: data_recipes imports no model code."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "intern25"
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """What to generate. The same config gives the same dataset, byte for byte."""
+    seed: int = 0
+    image_size: int = 64
+    train_size: int = 2000
+    val_size: int = 200
+    test_size: int = 200
+    max_shapes: int = MAX_SHAPES
+    colours: tuple[str, ...] = COLOURS
+    shapes: tuple[str, ...] = DEFAULT_SHAPES
+    label: str = "colour"          # the class of an image: the "colour" or the "shape" of its largest shape
+    noise: float = 8.0             # standard deviation of the per-pixel Gaussian noise, in 0-255 units
+    colour_jitter: int = 16        # an object's colour is its palette colour shifted by up to this per channel
+    duplicate_prob: float = 0.25   # chance that a further shape repeats one already there ("two red stars")
+
+    def __post_init__(self):
+        # Lists (from JSON or a CLI) become tuples, so that the config stays hashable.
+        object.__setattr__(self, "colours", tuple(self.colours))
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        problems = []
+        for name, values, known in (("colours", self.colours, COLOURS), ("shapes", self.shapes, SHAPES)):
+            unknown = [v for v in values if v not in known]
+            if not values or unknown or len(set(values)) != len(values):
+                problems.append(f"{name} {list(values)}: expected distinct names from {list(known)}")
+        if not 1 <= self.max_shapes <= MAX_SHAPES:
+            problems.append(f"max_shapes {self.max_shapes}: expected 1 to {MAX_SHAPES}")
+        if self.image_size < 32:
+            problems.append(f"image_size {self.image_size}: expected at least 32")
+        if min(self.train_size, self.val_size, self.test_size) < 0:
+            problems.append("split sizes must be >= 0")
+        if self.label not in LABEL_KINDS:
+            problems.append(f"label {self.label!r}: expected one of {LABEL_KINDS}")
+        if self.noise < 0 or not 0 <= self.colour_jitter <= 64 or not 0 <= self.duplicate_prob <= 1:
+            problems.append("noise >= 0, colour_jitter in [0, 64] and duplicate_prob in [0, 1] expected")
+        if problems:
+            raise ValueError("ShapesConfig: " + "; ".join(problems))
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": self.train_size, "val": self.val_size, "test": self.test_size}
+
+    def fingerprint(self) -> str:
+        """A short hash of the config and the generator version: the name of the cached build."""
+        text = json.dumps({**asdict(self), "generator_version": GENERATOR_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    colour: str
+    shape: str
+    size: str                        # "small" or "large"
+    box: tuple[int, int, int, int]   # x, y, w, h in pixels of the scene's image (COCO's bbox)
+    category: int                    # index of `shape` in the config's shapes: the COCO category id
+    rgb: tuple[int, int, int]        # the colour it is drawn with
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x, y, w, h = self.box
+        return x + w / 2, y + h / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]  # left to right (by box centre)
+    image_size: int
+    background: tuple[int, int, int]
+    noise: float
+    noise_seed: int = field(repr=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scenes
+
+def sample_scene(rng: random.Random, config: ShapesConfig | None = None) -> Scene:
+    """One to `config.max_shapes` non-overlapping shapes: one large (or a lone one of either size), the others
+    small, at random positions; colours and shapes uniform, a further shape repeats an earlier one with
+    probability `duplicate_prob`."""
+    config = config or ShapesConfig()
+    count = rng.randint(1, config.max_shapes)
+    sizes = ["large"] + ["small"] * (count - 1) if count > 1 else [rng.choice(("small", "large"))]
+    kinds: list[tuple[str, str]] = []
+    for _ in range(count):
+        if kinds and rng.random() < config.duplicate_prob:
+            kinds.append(rng.choice(kinds))
+        else:
+            kinds.append((rng.choice(config.colours), rng.choice(config.shapes)))
+    boxes = _place(rng, [max(4, round(SIZES[size] * config.image_size)) for size in sizes], config.image_size)
+    objects = []
+    for (colour, shape), size, box in zip(kinds, sizes, boxes):
+        rgb = tuple(min(255, max(0, c + rng.randint(-config.colour_jitter, config.colour_jitter)))
+                    for c in PALETTE[colour])
+        objects.append(ShapeObject(colour, shape, size, box, config.shapes.index(shape), rgb))
+    objects.sort(key=lambda o: (o.centre, o.box))
+    grey = rng.randint(30, 100)
+    background = tuple(grey + rng.randint(-12, 12) for _ in range(3))
+    return Scene(tuple(objects), config.image_size, background, float(config.noise), rng.getrandbits(64))
+
+
+def _place(rng: random.Random, sides: list[int], image_size: int) -> list[tuple[int, int, int, int]]:
+    """Square boxes of the given sides, inside the image and `gap` pixels apart from one another."""
+    margin, gap = max(1, image_size // 32), max(2, image_size // 16)
+    while True:  # a failed layout (rare: four shapes fill at most a third of the image) starts again
+        boxes: list[tuple[int, int, int, int]] = []
+        for side in sides:
+            for _ in range(100):
+                x = rng.randint(margin, image_size - margin - side)
+                y = rng.randint(margin, image_size - margin - side)
+                if all(x + side + gap <= bx or bx + bw + gap <= x or y + side + gap <= by or by + bh + gap <= y
+                       for bx, by, bw, bh in boxes):
+                    boxes.append((x, y, side, side))
+                    break
+            else:
+                break
+        if len(boxes) == len(sides):
+            return boxes
+
+
+def _star(points: int = 5, inner: float = 0.5) -> list[tuple[float, float]]:
+    """A star's corners, alternately on the unit circle and on a circle of radius `inner`, a point up."""
+    return [((1.0 if i % 2 == 0 else inner) * math.cos(math.pi * i / points - math.pi / 2),
+             (1.0 if i % 2 == 0 else inner) * math.sin(math.pi * i / points - math.pi / 2))
+            for i in range(2 * points)]
+
+
+def _normalise(polygon: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """The polygon stretched to fill the unit square exactly, so that its box is tight."""
+    xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
+    return tuple(((x - min(xs)) / (max(xs) - min(xs)), (y - min(ys)) / (max(ys) - min(ys))) for x, y in polygon)
+
+
+# Outlines in the unit square (circles are drawn as ellipses).
+POLYGONS = {
+    "square": ((0, 0), (1, 0), (1, 1), (0, 1)),
+    "triangle": ((0.5, 0), (1, 1), (0, 1)),
+    "diamond": ((0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)),
+    "star": _normalise(_star()),
+    "hexagon": ((0, 0.5), (0.25, 0), (0.75, 0), (1, 0.5), (0.75, 1), (0.25, 1)),
+}
+
+
+def render_scene(scene: Scene, image_size: int | None = None) -> Image.Image:
+    """The RGB image of a scene, at `image_size` (default: the scene's own; boxes scale with it). Deterministic:
+    the noise comes from the scene's seed."""
+    size = image_size or scene.image_size
+    scale = SUPERSAMPLE * size / scene.image_size
+    canvas = Image.new("RGB", (SUPERSAMPLE * size,) * 2, scene.background)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        x, y, w, h = (v * scale for v in obj.box)
+        # Pixel-inclusive outlines: a box of w pixels covers columns x .. x + w - 1.
+        w, h = w - 1, h - 1
+        if obj.shape == "circle":
+            draw.ellipse((x, y, x + w, y + h), fill=obj.rgb)
+        else:
+            draw.polygon([(x + u * w, y + v * h) for u, v in POLYGONS[obj.shape]], fill=obj.rgb)
+    image = canvas.resize((size, size), Image.Resampling.BOX)
+    if scene.noise > 0:
+        noise = np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise, (size, size, 3))
+        pixels = np.clip(np.rint(np.asarray(image, dtype=np.float64) + noise), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+    return image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Annotations
+
+def relations(a: ShapeObject, b: ShapeObject) -> list[str]:
+    """The relations of `a` to `b` that hold ("left of": a's box ends before b's begins; "above" likewise)."""
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a.box, b.box
+    held = {"left of": ax + aw <= bx, "right of": bx + bw <= ax, "above": ay + ah <= by, "below": by + bh <= ay}
+    return [name for name in RELATIONS if held[name]]
+
+
+def caption_body(scene: Scene) -> str:
+    """The shapes left to right, identical ones grouped: 'a red circle, two blue stars and a green square'."""
+    groups = Counter((o.colour, o.shape) for o in scene.objects)  # keeps first-seen (left to right) order
+    return join_phrases([describe(c, s) if n == 1 else count_phrase(n, c, s) for (c, s), n in groups.items()])
+
+
+def scene_annotations(scene: Scene, rng: random.Random, config: ShapesConfig | None = None) -> dict[str, Any]:
+    """Captions (one per caption template, the bare description first), question-answer pairs, the label and
+    the COCO boxes of a scene: {"captions": [str], "qa": [{"question", "answer", "type"}], "label": int,
+    "objects": {"bbox": [[x, y, w, h]], "category": [int]}}. The questions drawn depend on `rng`."""
+    config = config or ShapesConfig()
+    objects = scene.objects
+    kinds = [(o.colour, o.shape) for o in objects]
+    shape_counts, colour_counts = Counter(s for _, s in kinds), Counter(c for c, _ in kinds)
+    qa: list[dict[str, str]] = []
+
+    def ask(kind: str, answer: str, qa_type: str, **slots: str) -> None:
+        qa.append({"question": QUESTIONS[kind].format(**slots), "answer": answer, "type": qa_type})
+
+    ask("count", COUNT_WORDS[len(objects)], "count")
+    # How many of one shape, or of one colour: mostly one the scene has, sometimes any (maybe "zero").
+    if rng.random() < 0.5:
+        shape = rng.choice(objects).shape if rng.random() < 0.75 else rng.choice(config.shapes)
+        ask("count_shape", COUNT_WORDS[shape_counts[shape]], "count", shapes=PLURALS[shape])
+    else:
+        colour = rng.choice(objects).colour if rng.random() < 0.75 else rng.choice(config.colours)
+        ask("count_colour", COUNT_WORDS[colour_counts[colour]], "count", colour=colour)
+    lone_shapes = [o for o in objects if shape_counts[o.shape] == 1]
+    if lone_shapes:
+        obj = rng.choice(lone_shapes)
+        ask("colour", obj.colour, "colour", shape=obj.shape)
+    lone_colours = [o for o in objects if colour_counts[o.colour] == 1]
+    if lone_colours:
+        obj = rng.choice(lone_colours)
+        ask("shape", obj.shape, "shape", colour=obj.colour)
+    # Is there ...? Yes half the time.
+    absent = [(c, s) for c in config.colours for s in config.shapes if (c, s) not in kinds]
+    if rng.random() < 0.5 or not absent:
+        (colour, shape), answer = rng.choice(kinds), YES_NO[0]
+    else:
+        (colour, shape), answer = rng.choice(absent), YES_NO[1]
+    ask("exists", answer, "yes_no", object=describe(colour, shape))
+    # Relations between shapes that "the <colour> <shape>" names unambiguously.
+    named = [o for o in objects if kinds.count((o.colour, o.shape)) == 1]
+    pairs = [(a, b) for a in named for b in named if a is not b]
+    if pairs:
+        a, b = rng.choice(pairs)
+        relation = rng.choice(relations(a, b))  # boxes never overlap: at least one relation holds
+        asked, answer = (relation, YES_NO[0]) if rng.random() < 0.5 else (RELATIONS[relation], YES_NO[1])
+        ask("relation", answer, "yes_no", colour=a.colour, shape=a.shape, relation=asked,
+            other_colour=b.colour, other_shape=b.shape)
+        clear = [(a, b) for a, b in pairs if len(relations(a, b)) == 1]
+        if clear:
+            a, b = rng.choice(clear)
+            ask("where", relations(a, b)[0], "position", colour=a.colour, shape=a.shape,
+                other_colour=b.colour, other_shape=b.shape)
+
+    largest = max(objects, key=lambda o: o.box[2] * o.box[3])  # unique: the others are small
+    label = config.colours.index(largest.colour) if config.label == "colour" else largest.category
+    body = caption_body(scene)
+    return {"captions": [template.format(body) for template in CAPTION_TEMPLATES], "qa": qa, "label": label,
+            "objects": {"bbox": [list(o.box) for o in objects], "category": [o.category for o in objects]}}
+
+
+def class_names(config: ShapesConfig | None = None) -> list[str]:
+    """The names of `label`'s classes, in label order: the config's colours (or shapes, with label="shape")."""
+    config = config or ShapesConfig()
+    return list(config.colours if config.label == "colour" else config.shapes)
+
+
+def coco_categories(config: ShapesConfig | None = None) -> list[dict[str, Any]]:
+    """COCO's "categories" list for the boxes: one per shape, the id being the `objects.category` value."""
+    config = config or ShapesConfig()
+    return [{"id": i, "name": shape, "supercategory": "shape"} for i, shape in enumerate(config.shapes)]
+
+
+def answer_list(config: ShapesConfig | None = None) -> list[str]:
+    """Every answer a question can have: colours, shapes, counts ("zero" to the most shapes), yes/no and the
+    relations (the VQA candidate set)."""
+    config = config or ShapesConfig()
+    return [*config.colours, *config.shapes, *COUNT_WORDS[:config.max_shapes + 1], *YES_NO, *RELATIONS]
+
+
+def caption_corpus(dataset, with_qa: bool = False) -> list[str]:
+    """Every caption of a Dataset or DatasetDict (every split, in order), with the questions and answers too
+    when `with_qa`: e.g. the texts to train a tokenizer or build a caption vocabulary on."""
+    parts = dataset.values() if hasattr(dataset, "values") else [dataset]
+    texts: list[str] = []
+    for part in parts:
+        columns = ["captions"] + (["questions", "answers"] if with_qa else [])
+        for column in columns:
+            texts += [text for row in part[column] for text in row]
+    return texts
+
+
+def blind_vqa_accuracy(train, test) -> float:
+    """The VQA accuracy on `test` of a model that never looks at the image: it gives each question the answer
+    `train` gives it most often (its type's most frequent answer if `train` never asks it). About 0.3 on the
+    default dataset against 1/22 for a uniform guess: the baseline a VQA score should be compared with."""
+    by_question: dict[str, Counter] = {}
+    by_type: dict[str, Counter] = {}
+    for questions, answers, types in zip(train["questions"], train["answers"], train["qa_types"]):
+        for question, answer, qa_type in zip(questions, answers, types):
+            by_question.setdefault(question, Counter())[answer] += 1
+            by_type.setdefault(qa_type, Counter())[answer] += 1
+    hits = total = 0
+    for questions, answers, types in zip(test["questions"], test["answers"], test["qa_types"]):
+        for question, answer, qa_type in zip(questions, answers, types):
+            prior = by_question.get(question) or by_type.get(qa_type) or Counter({"": 1})
+            hits += prior.most_common(1)[0][0] == answer
+            total += 1
+    return hits / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset on disk
+
+def features(config: ShapesConfig | None = None):
+    """The `datasets.Features` of a split."""
+    from datasets import ClassLabel, Features, Image as ImageFeature, List, Value
+
+    config = config or ShapesConfig()
+    return Features({
+        "image_id": Value("int64"),
+        "image": ImageFeature(),
+        "captions": List(Value("string")),
+        "questions": List(Value("string")),
+        "answers": List(Value("string")),
+        "qa_types": List(Value("string")),
+        "label": ClassLabel(names=class_names(config)),
+        "objects": {"bbox": List(List(Value("float32"), length=4)),
+                    "category": List(ClassLabel(names=list(config.shapes)))},
+    })
+
+
+def generate_example(config: ShapesConfig, split: str, index: int) -> tuple[Scene, Image.Image, dict[str, Any]]:
+    """Scene, image and annotations of one example. Each example has its own generator, seeded by (seed, split,
+    index): an example does not depend on the split sizes."""
+    rng = random.Random(f"shapes/{config.seed}/{split}/{index}")
+    scene = sample_scene(rng, config)
+    return scene, render_scene(scene), scene_annotations(scene, rng, config)
+
+
+def _generate_split(config: ShapesConfig, split: str) -> dict[str, list]:
+    columns: dict[str, list] = {name: [] for name in features(config)}
+    offset = SPLITS.index(split) * 10_000_000  # image ids unique across splits
+    for index in range(config.split_sizes()[split]):
+        _, image, notes = generate_example(config, split, index)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        columns["image_id"].append(offset + index)
+        columns["image"].append({"bytes": png.getvalue(), "path": None})
+        columns["captions"].append(notes["captions"])
+        for column, key in (("questions", "question"), ("answers", "answer"), ("qa_types", "type")):
+            columns[column].append([pair[key] for pair in notes["qa"]])
+        columns["label"].append(notes["label"])
+        columns["objects"].append(notes["objects"])
+    return columns
+
+
+def default_shapes_folder(config: ShapesConfig | None = None) -> Path:
+    """Where `build_shapes_dataset` caches a config: <cache_dir()>/shapes/<config.fingerprint()>."""
+    return cache_dir() / "shapes" / (config or ShapesConfig()).fingerprint()
+
+
+def _build_info(config: ShapesConfig) -> dict[str, Any]:
+    return {"config": asdict(config), "generator_version": GENERATOR_VERSION, "fingerprint": config.fingerprint()}
+
+
+def build_shapes_dataset(folder: str | os.PathLike | None = None, config: ShapesConfig | None = None):
+    """The shapes dataset of `config` as a `datasets.DatasetDict` (train, val, test), built into `folder`
+    (default: `default_shapes_folder(config)`) on first use and loaded from it afterwards. A folder built from
+    another config (or generator version) is rebuilt. The build is written to a temporary folder that is then
+    renamed into place: a crash never leaves a half-written dataset, and concurrent builders do not collide."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    config = config or ShapesConfig()
+    folder = Path(folder) if folder is not None else default_shapes_folder(config)
+    if _is_built(folder, config):
+        return load_from_disk(str(folder))
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not (folder / CONFIG_FILE).is_file():
+        raise FileExistsError(f"build_shapes_dataset: {folder} exists and is not a shapes dataset (it has no "
+                              f"{CONFIG_FILE}); give a new or empty folder")
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(folder)
+    temporary = folder.parent / f"{TEMPORARY_PREFIX}{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        splits = {split: Dataset.from_dict(_generate_split(config, split), features=features(config))
+                  for split in SPLITS}
+        quiet = not are_progress_bars_disabled()
+        if quiet:  # a few seconds of work: no progress bars
+            disable_progress_bars()
+        try:
+            DatasetDict(splits).save_to_disk(str(temporary))
+        finally:
+            if quiet:
+                enable_progress_bars()
+        (temporary / CONFIG_FILE).write_text(json.dumps(_build_info(config), indent=2), encoding="utf-8")
+        if not _is_built(folder, config):  # else another process finished the same build first: use it
+            if folder.exists():  # a build of another config: moved aside, then removed
+                stale = folder.parent / f"{TEMPORARY_PREFIX}{folder.name}-stale-{uuid.uuid4().hex[:8]}"
+                folder.rename(stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                temporary.rename(folder)
+            except OSError:
+                if not _is_built(folder, config):
+                    raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return load_from_disk(str(folder))
+
+
+def _is_built(folder: Path, config: ShapesConfig) -> bool:
+    """Whether `folder` holds a complete build of `config` (its config file is written last)."""
+    try:
+        built = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return built == json.loads(json.dumps(_build_info(config)))
+
+
+def _remove_abandoned_builds(folder: Path, min_age_s: float = 3600.0) -> None:
+    """Deletes temporary folders of `folder` that builds which died (a build takes seconds) left behind."""
+    now = time.time()
+    for leftover in folder.parent.glob(f"{TEMPORARY_PREFIX}{folder.name}-*"):
+        try:
+            if now - leftover.stat().st_mtime > min_age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def iter_examples(config: ShapesConfig | None = None, split: str = "train") -> Iterable[dict[str, Any]]:
+    """The examples of a split generated on the fly (no disk): {"image": PIL, "scene", **annotations}."""
+    config = config or ShapesConfig()
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    for index in range(config.split_sizes()[split]):
+        scene, image, notes = generate_example(config, split, index)
+        yield {"image": image, "scene": scene, **notes}

@@ -1,0 +1,243 @@
+"""The built-in "shapes" dataset: splits, cache, determinism, boxes against pixels, answers against scenes,
+vocabulary coverage and crash safety."""
+import dataclasses
+import os
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+datasets = pytest.importorskip("datasets")
+
+from data_recipes import shapes  # noqa: E402
+from data_recipes.shapes import (CONFIG_FILE, PALETTE, QA_TYPES, TEMPORARY_PREFIX, ShapesConfig,  # noqa: E402
+                                 answer_list, blind_vqa_accuracy, build_shapes_dataset, caption_corpus,
+                                 class_names, coco_categories, default_shapes_folder, generate_example, relations, render_scene)
+from data_recipes.text_corpus import (CAPTION_TEMPLATES, COUNT_WORDS, PLURALS, RELATIONS, describe,  # noqa: E402
+                                      vocabulary, words)
+
+SMALL = ShapesConfig(seed=3, train_size=40, val_size=10, test_size=10)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERN25_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _examples(config=SMALL, count=300):
+    """Scenes and annotations of `count` examples, drawn across the splits."""
+    return [generate_example(config, split, i) for split in ("train", "val", "test") for i in range(count // 3)]
+
+
+def _raw(dataset):
+    """Every split's rows with the images as their stored PNG bytes."""
+    return {name: split.cast_column("image", datasets.Image(decode=False)).to_list()
+            for name, split in dataset.items()}
+
+
+def test_splits_columns_and_cache(cache, monkeypatch):
+    data = build_shapes_dataset(config=SMALL)
+    assert {name: len(split) for name, split in data.items()} == {"train": 40, "val": 10, "test": 10}
+    folder = default_shapes_folder(SMALL)
+    assert folder.parent == cache / "shapes" and (folder / CONFIG_FILE).is_file()
+    train = data["train"]
+    assert set(train.column_names) == {"image_id", "image", "captions", "questions", "answers", "qa_types",
+                                       "label", "objects"}
+    assert train.features["label"].names == class_names(SMALL) == list(SMALL.colours)
+    assert train.features["objects"]["category"].feature.names == list(SMALL.shapes)
+    row = train[0]
+    assert row["image"].size == (64, 64) and row["image"].mode == "RGB"
+    assert len(row["captions"]) == len(CAPTION_TEMPLATES)
+    assert len(row["questions"]) == len(row["answers"]) == len(row["qa_types"]) >= 3
+    image_ids = [i for split in data.values() for i in split["image_id"]]
+    assert len(set(image_ids)) == len(image_ids)
+
+    # Built once: later calls load the folder and generate nothing.
+    stamp = (folder / CONFIG_FILE).stat().st_mtime_ns
+    monkeypatch.setattr(shapes, "_generate_split", lambda *a: pytest.fail("regenerated a cached dataset"))
+    again = build_shapes_dataset(config=SMALL)
+    assert (folder / CONFIG_FILE).stat().st_mtime_ns == stamp
+    assert _raw(again) == _raw(data)
+    assert caption_corpus(again) == [c for split in data.values() for row in split["captions"] for c in row]
+    assert len(caption_corpus(again["val"], with_qa=True)) == sum(
+        len(r["captions"]) + 2 * len(r["questions"]) for r in again["val"])
+    # Answering blind (from the question alone) beats a uniform guess but is far from perfect.
+    assert 1 / len(answer_list(SMALL)) < blind_vqa_accuracy(data["train"], data["test"]) < 0.6
+
+
+def test_deterministic_from_the_seed(tmp_path):
+    first = build_shapes_dataset(tmp_path / "a", SMALL)
+    second = build_shapes_dataset(tmp_path / "b", SMALL)
+    assert _raw(first) == _raw(second)  # image bytes and every annotation
+    other = _raw(build_shapes_dataset(tmp_path / "c", dataclasses.replace(SMALL, seed=4)))
+    assert [r["image"]["bytes"] for r in other["train"]] != [r["image"]["bytes"] for r in _raw(first)["train"]]
+    assert other["train"][0]["captions"] != _raw(first)["train"][0]["captions"] or \
+        other["train"][1]["captions"] != _raw(first)["train"][1]["captions"]
+    # An example does not depend on the split sizes.
+    _, image, notes = generate_example(dataclasses.replace(SMALL, train_size=5), "train", 7)
+    assert np.array_equal(np.asarray(image), np.asarray(first["train"][7]["image"]))
+    assert notes["captions"] == first["train"][7]["captions"]
+
+
+def test_boxes_are_tight_and_match_the_rendered_objects():
+    seen_sizes, seen_counts = set(), Counter()
+    for scene, image, notes in _examples():
+        assert notes["objects"] == {"bbox": [list(o.box) for o in scene.objects],
+                                    "category": [SMALL.shapes.index(o.shape) for o in scene.objects]}
+        seen_counts[len(scene.objects)] += 1
+        pixels = np.asarray(image, dtype=np.float64)
+        # Without noise, every pixel outside the boxes is the background and every box is the object's extent.
+        clean = np.asarray(render_scene(dataclasses.replace(scene, noise=0.0)), dtype=np.int64)
+        outside = np.ones(clean.shape[:2], bool)
+        for obj in scene.objects:
+            x, y, w, h = obj.box
+            seen_sizes.add(w)
+            assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w == h
+            outside[y:y + h, x:x + w] = False
+            drawn = np.abs(clean[y:y + h, x:x + w] - scene.background).sum(-1) > 30
+            rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
+            assert rows[0] <= 1 and rows[-1] >= h - 2 and cols[0] <= 1 and cols[-1] >= w - 2, obj
+            # The pixels at the box centre have the object's colour (the nearest palette colour).
+            cx, cy = int(obj.centre[0]), int(obj.centre[1])
+            mean = pixels[cy - 1:cy + 1, cx - 1:cx + 1].reshape(-1, 3).mean(0)
+            nearest = min(SMALL.colours, key=lambda c: np.square(mean - PALETTE[c]).sum())
+            assert nearest == obj.colour, (obj, mean)
+        assert np.all(clean[outside] == scene.background)
+        # Boxes keep apart: no two overlap.
+        for i, a in enumerate(scene.objects):
+            for b in scene.objects[i + 1:]:
+                assert relations(a, b), (a, b)
+    assert seen_sizes == {14, 23} and set(seen_counts) == {1, 2, 3, 4}
+    # A scene renders at another size with its boxes scaled.
+    scene = _examples(count=3)[0][0]
+    big = np.asarray(render_scene(dataclasses.replace(scene, noise=0.0), 128), dtype=np.int64)
+    x, y, w, h = scene.objects[0].box
+    assert np.abs(big[2 * y + h, 2 * x + w] - PALETTE[scene.objects[0].colour]).max() <= SMALL.colour_jitter + 1
+
+
+def _named(scene, colour, shape):
+    matches = [o for o in scene.objects if (o.colour, o.shape) == (colour, shape)]
+    assert len(matches) == 1, f"'the {colour} {shape}' is ambiguous or absent"
+    return matches[0]
+
+
+def test_answers_agree_with_the_scene():
+    plural_to_shape = {plural: shape for shape, plural in PLURALS.items()}
+    answers, types = set(answer_list(SMALL)), Counter()
+    for scene, _, notes in _examples():
+        objects = scene.objects
+        kinds = [(o.colour, o.shape) for o in objects]
+        largest = max(objects, key=lambda o: o.box[2])
+        assert sum(o.box[2] == largest.box[2] for o in objects) == 1  # the largest shape is unique
+        assert notes["label"] == SMALL.colours.index(largest.colour)
+        body = notes["captions"][0]
+        assert notes["captions"] == [t.format(body) for t in CAPTION_TEMPLATES]
+        for (colour, shape), n in Counter(kinds).items():
+            assert (describe(colour, shape) if n == 1 else f"{COUNT_WORDS[n]} {colour} {PLURALS[shape]}") in body
+        for qa in notes["qa"]:
+            question, answer = qa["question"], qa["answer"]
+            assert answer in answers and qa["type"] in QA_TYPES
+            types[qa["type"]] += 1
+            if question == "how many shapes are there?":
+                expected = COUNT_WORDS[len(objects)]
+            elif m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
+                expected = COUNT_WORDS[sum(o.colour == m[1] for o in objects)]
+            elif m := re.fullmatch(r"how many (\w+) are there\?", question):
+                expected = COUNT_WORDS[sum(o.shape == plural_to_shape[m[1]] for o in objects)]
+            elif m := re.fullmatch(r"what colour is the (\w+)\?", question):
+                (obj,) = [o for o in objects if o.shape == m[1]]
+                expected = obj.colour
+            elif m := re.fullmatch(r"what shape is the (\w+) object\?", question):
+                (obj,) = [o for o in objects if o.colour == m[1]]
+                expected = obj.shape
+            elif m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
+                expected = "yes" if (m[1], m[2]) in kinds else "no"
+            elif m := re.fullmatch(r"is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?", question):
+                a, b = _named(scene, m[1], m[2]), _named(scene, m[4], m[5])
+                expected = "yes" if m[3] in relations(a, b) else "no"
+            elif m := re.fullmatch(r"where is the (\w+) (\w+) relative to the (\w+) (\w+)\?", question):
+                held = relations(_named(scene, m[1], m[2]), _named(scene, m[3], m[4]))
+                assert len(held) == 1
+                expected = held[0]
+                # The relation agrees with the box centres.
+                a, b = _named(scene, m[1], m[2]), _named(scene, m[3], m[4])
+                dx, dy = a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]
+                assert {"left of": dx < 0, "right of": dx > 0, "above": dy < 0, "below": dy > 0}[expected]
+            else:
+                pytest.fail(f"unexpected question {question!r}")
+            assert answer == expected, (question, answer, scene)
+    assert set(types) == set(QA_TYPES)
+    # Yes and no are roughly balanced.
+    yes_no = Counter(qa["answer"] for _, _, n in _examples() for qa in n["qa"] if qa["type"] == "yes_no")
+    assert 0.35 < yes_no["yes"] / (yes_no["yes"] + yes_no["no"]) < 0.65
+
+
+def test_every_word_is_in_the_tokenizer_corpus(tmp_path):
+    data = build_shapes_dataset(tmp_path / "data", SMALL)
+    texts = caption_corpus(data, with_qa=True) + answer_list(SMALL) + class_names(SMALL)
+    texts += [c["name"] for c in coco_categories(SMALL)]
+    texts += [t for _, _, n in _examples(ShapesConfig(colours=("red", "blue"), shapes=("hexagon", "star")), 60)
+              for t in n["captions"] + [qa["question"] for qa in n["qa"]]]
+    unknown = {w for t in texts for w in words(t)} - vocabulary()
+    assert not unknown
+    # And the built-in tokenizer, trained on that corpus, has each word as pieces of its own: no byte fallback.
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from data_recipes.text_corpus import shapes_corpus
+    from data_recipes.tokenizer import train_tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(train_tokenizer(shapes_corpus(), tmp_path / "tok")))
+    pieces = {piece for t in set(texts) for piece in tokenizer.tokenize(t)}
+    assert not [p for p in pieces if p.startswith("<0x")]
+
+
+def test_label_names_categories_and_answers():
+    assert coco_categories(SMALL) == [{"id": i, "name": s, "supercategory": "shape"}
+                                      for i, s in enumerate(("circle", "square", "triangle", "star", "diamond"))]
+    answers = answer_list(SMALL)
+    assert len(answers) == len(set(answers)) == 6 + 5 + 5 + 2 + 4
+    assert [a for a in answer_list(dataclasses.replace(SMALL, max_shapes=2)) if a in COUNT_WORDS] == \
+        ["zero", "one", "two"]
+    assert set(RELATIONS) <= set(answers)
+    by_shape = dataclasses.replace(SMALL, label="shape")
+    assert class_names(by_shape) == list(SMALL.shapes)
+    for scene, _, notes in _examples(by_shape, 30):
+        assert notes["label"] == SMALL.shapes.index(max(scene.objects, key=lambda o: o.box[2]).shape)
+    with pytest.raises(ValueError, match=r"colours \['red', 'pink'\]"):
+        ShapesConfig(colours=("red", "pink"))
+    with pytest.raises(ValueError, match="label 'size'"):
+        ShapesConfig(label="size")
+
+
+def test_crash_leftovers_and_stale_builds(tmp_path, cache):
+    folder = default_shapes_folder(SMALL)
+    folder.parent.mkdir(parents=True)
+    # A build that died half way left its temporary folder: it is ignored, and removed once it is old.
+    fresh = folder.parent / f"{TEMPORARY_PREFIX}{folder.name}-999-deadbeef"
+    old = folder.parent / f"{TEMPORARY_PREFIX}{folder.name}-998-deadbeef"
+    for leftover in (fresh, old):
+        (leftover / "train").mkdir(parents=True)
+        (leftover / "train" / "data-00000-of-00001.arrow").write_bytes(b"half")
+    os.utime(old, (0, 0))
+    data = build_shapes_dataset(config=SMALL)
+    assert len(data["train"]) == 40 and fresh.is_dir() and not old.exists()
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(TEMPORARY_PREFIX)] == [fresh.name]
+
+    # A folder holding another config's build is rebuilt; a folder that is not a shapes dataset is refused.
+    other = dataclasses.replace(SMALL, train_size=12)
+    rebuilt = build_shapes_dataset(folder, other)
+    assert len(rebuilt["train"]) == 12 and len(build_shapes_dataset(folder, other)["train"]) == 12
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a shapes dataset"):
+        build_shapes_dataset(stranger, SMALL)
+    assert (stranger / "notes.txt").read_text() == "keep me"
+    # A build interrupted before its config file was written is not taken for a complete one.
+    (folder / CONFIG_FILE).unlink()
+    with pytest.raises(FileExistsError):
+        build_shapes_dataset(folder, other)
+
