@@ -16,6 +16,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from .attributes import IMAGE_TEXT_INPUT, decoder_attributes
 from .decoder import KVCache, Modality
 
 
@@ -45,7 +46,8 @@ def start(model, images: Tensor, prompts: Sequence[str] | None = None) -> Prefix
     tokens, kinds = decoder.prepend_spe(prefix, kinds)
     valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
     positions = packed_positions(valid)
-    cache = decoder(tokens, kinds, positions, valid=valid, use_cache=True).cache
+    attributes = decoder_attributes(decoder, kinds, IMAGE_TEXT_INPUT)  # the prefix: no causal span
+    cache = decoder(tokens, kinds, positions, valid=valid, attributes=attributes, use_cache=True).cache
     return PrefixState(cache, valid.sum(dim=1))
 
 
@@ -69,7 +71,10 @@ def step(model, cache: KVCache, positions: Tensor, previous_words: Tensor | None
         new, kinds = torch.cat([previous_words[:, None], query], 1), torch.cat([text_kind, query_kind], 1)
         new_positions, commit = torch.stack([positions - 1, positions], dim=1), 1
     # No mask given: after a cache the new tokens attend causally (the word does not see the query).
-    out = decoder(new, kinds, new_positions, cache=cache, use_cache=True, commit=commit)
+    # Attributes of the new tokens only (the cached ones already went through): word and query are both
+    # in the causal caption span, as in `caption_logits`.
+    attributes = decoder_attributes(decoder, kinds, IMAGE_TEXT_INPUT, causal=True)
+    out = decoder(new, kinds, new_positions, cache=cache, use_cache=True, commit=commit, attributes=attributes)
     logits = readout.similarity(readout(out.hidden_states[:, -1]), candidates, "caption")
     return logits, out.cache
 

@@ -11,6 +11,8 @@ Sequences (see DESIGN.md and notes/uniperceiver-family.md):
 Caption words enter the decoder as single-token features (each vocabulary token encoded alone by the text
 encoder), the same features that represent the vocabulary as candidates: a contextual encoding of the whole
 caption would let word j leak into the states of the words before it.
+With MoE layers in the decoder (`DecoderConfig.moe_experts > 0`) every sequence also carries its tokens'
+routing attributes; the role each path gives its sequence is tabled in `attributes.py`.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attributes import (IMAGE_INPUT, IMAGE_TEXT_INPUT, TEXT_CANDIDATE, WORD_CANDIDATE, SequenceRole,
+                         caption_causal_span, decoder_attributes)
 from .decoder import DecoderConfig, Modality, SharedDecoder
 from .generation import packed_positions
 from .image_encoder import ImageEncoder, ImageEncoderConfig
@@ -160,28 +164,30 @@ class UniPerceiver(nn.Module):
         features, valid = self.text_encoder(list(texts))
         return features, valid
 
-    def _spe_output(self, tokens: Tensor, kinds: Tensor, valid: Tensor | None = None) -> Tensor:
+    def _spe_output(self, tokens: Tensor, kinds: Tensor, role: SequenceRole, valid: Tensor | None = None) -> Tensor:
         tokens, kinds = self.decoder.prepend_spe(tokens, kinds)
         if valid is not None:
             valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
-        return self.decoder(tokens, kinds, valid=valid).hidden_states[:, 0]
+        attributes = decoder_attributes(self.decoder, kinds, role)
+        return self.decoder(tokens, kinds, valid=valid, attributes=attributes).hidden_states[:, 0]
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) normalised images -> (B, embed_dim) embeddings (unit norm)."""
         tokens, kinds = self.image_tokens(images)
-        return self.readout(self._spe_output(tokens, kinds))
+        return self.readout(self._spe_output(tokens, kinds, IMAGE_INPUT))
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        """Texts -> (B, embed_dim) embeddings (unit norm)."""
+        """Texts -> (B, embed_dim) embeddings (unit norm), encoded as candidate texts of an image task
+        (class names, answers, captions; see `attributes.py` for why every caller shares that role)."""
         tokens, valid = self.text_tokens(texts)
         kinds = torch.full(valid.shape, int(Modality.TEXT), device=valid.device)
-        return self.readout(self._spe_output(tokens, kinds, valid))
+        return self.readout(self._spe_output(tokens, kinds, TEXT_CANDIDATE, valid))
 
     def encode_words(self, token_ids: Tensor | None = None) -> Tensor:
         """Vocabulary candidates [SPE, token] -> (V, embed_dim): what caption queries are ranked against."""
         features = self.vocabulary_features(token_ids)[:, None]
         kinds = torch.full(features.shape[:2], int(Modality.TEXT), device=features.device)
-        return self.readout(self._spe_output(features, kinds))
+        return self.readout(self._spe_output(features, kinds, WORD_CANDIDATE))
 
     def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> Tensor:
         """One vector per class: the normalised mean of its normalised template embeddings."""
@@ -201,7 +207,8 @@ class UniPerceiver(nn.Module):
         ones = torch.ones(batch, 1 + image_tokens.shape[1], dtype=torch.bool, device=text.device)
         valid = torch.cat([ones, text_valid, ones[:, :1]], dim=1)
         # Positions count real tokens only: a sample's answer does not depend on its batch's padding.
-        hidden = self.decoder(tokens, kinds, packed_positions(valid), valid=valid).hidden_states
+        attributes = decoder_attributes(self.decoder, kinds, IMAGE_TEXT_INPUT)
+        hidden = self.decoder(tokens, kinds, packed_positions(valid), valid=valid, attributes=attributes).hidden_states
         return self.readout(hidden[:, -1])
 
     # ------------------------------------------------------------------------------------- captioning
@@ -240,7 +247,10 @@ class UniPerceiver(nn.Module):
         # The layout's positions, with prompt padding squeezed out (as at inference, see generation.start).
         word_positions = prefix_valid.sum(1, keepdim=True) + torch.arange(num_words, device=words.device)
         positions = torch.cat([packed_positions(prefix_valid), word_positions, word_positions], dim=1)
-        hidden = self.decoder(inputs.tokens, inputs.modality_ids, positions, attention_mask=mask).hidden_states
+        attributes = decoder_attributes(self.decoder, inputs.modality_ids, IMAGE_TEXT_INPUT,
+                                        causal=caption_causal_span(inputs.layout, words.device))
+        hidden = self.decoder(inputs.tokens, inputs.modality_ids, positions, attention_mask=mask,
+                              attributes=attributes).hidden_states
         queries = self.readout(hidden[:, inputs.layout.queries])
         candidates = self.encode_words() if word_embeddings is None else word_embeddings
         return self.readout.similarity(queries, candidates, "caption")
