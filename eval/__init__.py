@@ -1,0 +1,48 @@
+"""Zero-shot evaluation suites and their metrics. A suite is registered by name and run from one CLI:
+
+    python -m eval shapes --model runs/shapes-tiny/export --limit 100 --out results.json
+
+or from Python: `from eval.shapes import evaluate_shapes, format_table`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Suite:
+    """An evaluation suite. `add_arguments` adds the suite's own CLI options; `run(model, args)` evaluates a
+    loaded model and returns a JSON-able results dict; `format(results)` renders it for the terminal."""
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[Any, argparse.Namespace], dict]
+    format: Callable[[dict], str]
+
+
+_SUITES: dict[str, Suite] = {}
+
+
+def register_suite(suite: Suite) -> Suite:
+    if suite.name in _SUITES and _SUITES[suite.name] is not suite:
+        raise ValueError(f"evaluation suite {suite.name!r} is already registered")
+    _SUITES[suite.name] = suite
+    return suite
+
+
+def get_suite(name: str) -> Suite:
+    if name not in _SUITES:
+        raise ValueError(f"unknown evaluation suite {name!r}; registered suites: {list_suites()}")
+    return _SUITES[name]
+
+
+def list_suites() -> list[str]:
+    return sorted(_SUITES)
+
+
+# Importing a suite module registers it.
+from . import shapes  # noqa: E402,F401
+
+__all__ = ["Suite", "get_suite", "list_suites", "register_suite"]
