@@ -111,6 +111,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log_every: int = 10
+    max_nonfinite_steps: int = 5  # stop the run after this many consecutive steps with a NaN/inf loss
     output_dir: Union[str, None] = None
 
     def __post_init__(self):
@@ -177,6 +178,7 @@ class Recipe:
 
         check(self.steps > 0, "steps", "a positive number of optimizer steps", self.steps)
         check(self.log_every > 0, "log_every", "> 0", self.log_every)
+        check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", ">= 1", self.max_nonfinite_steps)
         check(bool(self.tasks), "tasks", "at least one task", self.tasks)
         names = self.task_names
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -197,8 +199,8 @@ class Recipe:
         check(opt.weight_decay >= 0, "optimizer.weight_decay", ">= 0", opt.weight_decay)
         check(all(0 <= b < 1 for b in opt.betas), "optimizer.betas", "two numbers in [0, 1)", list(opt.betas))
         check(opt.eps >= 0, "optimizer.eps", ">= 0", opt.eps)
-        check(0 <= opt.warmup_steps <= self.steps, "optimizer.warmup_steps", f"in [0, steps={self.steps}]",
-              opt.warmup_steps)
+        # a warm-up longer than the run is allowed (a short trial run of a long recipe): the lr never peaks
+        check(opt.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0", opt.warmup_steps)
         check(opt.grad_clip is None or opt.grad_clip > 0, "optimizer.grad_clip", "> 0 or null (off)", opt.grad_clip)
         check(self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "0, 1, 2 or 3",
               self.deepspeed.zero_stage)

@@ -1,0 +1,200 @@
+"""launch/pretrain.py: a short multitask run on a small shapes dataset checkpoints, exports and logs; a resumed run
+repeats the uninterrupted one exactly; SIGTERM checkpoints and exits cleanly; override typos and non-finite losses
+give clear messages; DeepSpeed ZeRO-2 runs in one CPU process."""
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "pretrain.py"
+SHAPES = "shapes?split=train&train_size=48&val_size=8&test_size=8"
+
+
+def load_script():
+    """launch/ is a folder of scripts, not a package: import pretrain.py from its path."""
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = load_script()
+
+
+def small_overrides(steps: int = 6, **extra) -> list[str]:
+    """The tiny recipe on 48 shapes images, batches of 8, the pure-PyTorch DCN (no kernel build), a checkpoint
+    every 3 steps."""
+    items = {"steps": steps, "optimizer.warmup_steps": 2, "checkpoint.every_steps": 3, "checkpoint.keep": 2,
+             "log_every": 2, "model.image.backbone_overrides.dcn_backend": "reference"}
+    for name in ("retrieval", "classification", "captioning", "vqa"):
+        items[f"tasks.{name}.dataset"] = SHAPES + ("&task=vqa" if name == "vqa" else "")
+        items[f"tasks.{name}.eval_dataset"] = None
+        items[f"tasks.{name}.batch_size"] = 8
+    items.update(extra)
+    return [f"{key}={'null' if value is None else value}" for key, value in items.items()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """A fresh project cache: the small shapes dataset and the tiny text model are built there."""
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("INTERN25_CACHE_DIR")
+    os.environ["INTERN25_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("INTERN25_CACHE_DIR", None)
+    else:
+        os.environ["INTERN25_CACHE_DIR"] = previous
+
+
+def run(output: Path, *extra: str, steps: int = 6, overrides: dict | None = None) -> dict:
+    return pretrain.main(["--output", str(output), "--no-eval", "--no-progress", *extra,
+                          *small_overrides(steps, **(overrides or {}))])
+
+
+def step_lines(output: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["event"] == "step"]
+
+
+def model_state(output: Path, step: int) -> dict:
+    return torch.load(output / "checkpoints" / f"step_{step:06d}" / "state.pt", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("straight")
+    run(output)
+    return output
+
+
+def test_run_writes_checkpoints_export_logs_and_loss_curve(straight_run):
+    from uniperceiver import UniPerceiver
+
+    steps = step_lines(straight_run)
+    assert [line["step"] for line in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(line["loss"]) for line in steps)
+    assert len({line["task"] for line in steps}) >= 2  # unmixed: one task per step, several over the run
+    checkpoints = straight_run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_000003", "step_000006"]
+    assert (checkpoints / "latest").read_text() == "step_000006"
+    assert not list(checkpoints.glob(".tmp-*"))
+    model = UniPerceiver.from_pretrained(straight_run / "export")
+    trained = model_state(straight_run, 6)
+    for key, value in model.state_dict().items():
+        if key in trained:
+            torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    assert model.config.caption_vocab is not None and len(model.config.caption_vocab) < len(model.tokenizer)
+    assert UniPerceiver.from_pretrained(checkpoints / "step_000003" / "export") is not None
+    assert list((straight_run / "tb").glob("events.out.tfevents.*"))
+    assert (straight_run / "loss_curve.png").stat().st_size > 1000
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(straight_run, tmp_path):
+    output = tmp_path / "resumed"
+    first = run(output, "--stop-after", "3")
+    assert first["step"] == 3 and (output / "checkpoints" / "latest").read_text() == "step_000003"
+    run(output, "--resume")
+    straight, resumed = step_lines(straight_run), step_lines(output)
+    assert [(l["step"], l["task"], l["loss"]) for l in resumed] == [(l["step"], l["task"], l["loss"]) for l in straight]
+    expected, got = model_state(straight_run, 6), model_state(output, 6)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
+    output = tmp_path / "signalled"
+    argv = [sys.executable, str(SCRIPT), "--output", str(output), "--no-eval", "--no-progress",
+            *small_overrides(200, **{"checkpoint.every_steps": 0})]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="2"))
+    log = output / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and log.read_text().strip()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: checkpointed at step" in out
+    stopped_at = step_lines(output)[-1]["step"]
+    assert 1 <= stopped_at < 200
+    assert (output / "checkpoints" / "latest").read_text() == f"step_{stopped_at:06d}"
+    result = run(output, "--resume", "--stop-after", str(stopped_at + 2), steps=200,
+                 overrides={"checkpoint.every_steps": 0})
+    assert result["step"] == stopped_at + 2
+    assert [line["step"] for line in step_lines(output)] == list(range(1, stopped_at + 3))
+
+
+def test_unknown_override_key_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'optimizer.learning_rate'"):
+        pretrain.main(["--output", str(tmp_path), "optimizer.learning_rate=1e-3"])
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--output", str(tmp_path), "stepz=3"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown key 'stepz'" in proc.stderr, proc.stderr[-2000:]
+
+
+def _nan_losses(monkeypatch, bad_calls: set[int] | None):
+    """Every task's loss returns NaN on the given calls (counted from 1; None: from the second on)."""
+    import tasks
+
+    calls = {"n": 0}
+    for name in tasks.list_tasks():
+        cls = type(tasks.get_task(name, **({"class_names": ["a"]} if name == "classification" else {})))
+        original = cls.loss
+
+        def loss(self, model, batch, _original=original):
+            calls["n"] += 1
+            value = _original(self, model, batch)
+            bad = calls["n"] >= 2 if bad_calls is None else calls["n"] in bad_calls
+            return value * float("nan") if bad else value
+
+        monkeypatch.setattr(cls, "loss", loss)
+
+
+def test_nonfinite_losses_are_skipped_and_logged(tmp_path, monkeypatch):
+    _nan_losses(monkeypatch, {2, 3})
+    output = tmp_path / "nan"
+    result = run(output, overrides={"max_nonfinite_steps": 3, "checkpoint.every_steps": 1, "checkpoint.keep": 6})
+    assert result["step"] == 6
+    lines = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [(l["step"], l["consecutive"]) for l in lines if l["event"] == "nonfinite"] == [(2, 1), (3, 2)]
+    assert [l["step"] for l in lines if l.get("skipped")] == [2, 3]
+    assert all(math.isfinite(l["loss"]) for l in lines if l["event"] == "step" and l["step"] not in (2, 3))
+    # a skipped step changes no weight: step 3's checkpoint holds step 1's weights, step 4's differ
+    after_1, after_3, after_4 = (model_state(output, step) for step in (1, 3, 4))
+    for key in after_1:
+        torch.testing.assert_close(after_3[key], after_1[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(after_4[key], after_1[key]) for key in after_1)
+
+
+def test_repeated_nonfinite_losses_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
+    _nan_losses(monkeypatch, None)
+    with pytest.raises(pretrain.TrainingStopped, match="3 consecutive steps had a non-finite loss"):
+        run(tmp_path / "nan-stop", overrides={"max_nonfinite_steps": 3})
+
+
+def test_deepspeed_zero2_in_one_cpu_process_matches_the_plain_loop(straight_run, tmp_path):
+    pytest.importorskip("deepspeed")
+    from uniperceiver import UniPerceiver
+
+    output = tmp_path / "zero2"
+    argv = [sys.executable, str(SCRIPT), "--output", str(output), "--no-eval", "--no-progress",
+            *small_overrides(3, **{"deepspeed.zero_stage": 2})]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    plain, zero = step_lines(straight_run)[:3], step_lines(output)
+    assert [l["task"] for l in zero] == [l["task"] for l in plain]
+    # the same first step (same data, same initial weights); later steps follow another lr schedule (3 steps)
+    assert zero[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert (output / "checkpoints" / "step_000003" / "engine").is_dir()
+    assert UniPerceiver.from_pretrained(output / "export") is not None
