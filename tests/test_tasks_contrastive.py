@@ -12,8 +12,9 @@ import tasks
 from tasks.classification import ClassificationTask, imagenet_class_names, imagenet_templates
 from tasks.retrieval import clip_loss
 from uniperceiver import UniPerceiver, tiny_config
+from tiny_model import TINY_BACKBONE, overfit
 
-BACKBONE = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0, dcn_backend="reference")
+BACKBONE = TINY_BACKBONE
 COLOURS = {"red": (1.5, -1.0, -1.0), "green": (-1.0, 1.5, -1.0), "blue": (-1.0, -1.0, 1.5), "yellow": (1.5, 1.5, -1.0)}
 
 
@@ -37,21 +38,6 @@ def colour_images(seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.stack([torch.tensor(c)[:, None, None] + 0.3 * torch.randn(3, 64, 64, generator=generator)
                         for c in COLOURS.values()])
-
-
-def overfit(model, task, batch, steps: int = 40, lr: float = 3e-4) -> list[float]:
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    losses = []
-    for _ in range(steps):
-        loss = task.loss(model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def test_registry_builds_tasks_by_name_and_names_the_known_ones():

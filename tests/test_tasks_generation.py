@@ -16,6 +16,7 @@ from tasks.vqa import normalize_answer, vqav2_answer_list
 from uniperceiver.generation import incremental_logits, search
 from uniperceiver.model import UniPerceiver, tiny_config
 from uniperceiver.tiny_text_model import build_tiny_text_model
+from tiny_model import offline_cache  # noqa: F401 (a fixture)
 
 BACKBONE = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8), drop_path_rate=0.0, dcn_backend="reference")
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white star"]  # "white" is four tokens
@@ -26,13 +27,7 @@ VQA_ANSWERS = ["red", "circle", "blue", "square"]
 ANSWER_LIST = ["red", "blue", "green", "circle", "square", "yes", "no"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_cache(tmp_path_factory):
-    """The project cache (and so the built-in tiny text model) lives in a temporary folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("INTERN25_CACHE_DIR", str(tmp_path_factory.mktemp("intern25-cache")))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,19 +17,15 @@ from uniperceiver.decoder import Modality
 from uniperceiver.generation import incremental_logits
 from uniperceiver.moe import MoEFeedForward, TokenAttribute as A
 from uniperceiver.tiny_text_model import build_tiny_text_model
+from tiny_model import TINY_BACKBONE, offline_cache, overfit  # noqa: F401 (offline_cache is a fixture)
 
-BACKBONE = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0, dcn_backend="reference")
+BACKBONE = TINY_BACKBONE
 MOE = {"moe_experts": 4, "moe_top_k": 2, "layer_scale_init": None}
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 COLOURS = torch.tensor([[1.5, -1, -1], [-1, -1, 1.5], [-1, 1.5, -1], [1.5, 1.5, -1]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("INTERN25_CACHE_DIR", str(tmp_path_factory.mktemp("intern25-cache")))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,17 +164,7 @@ def test_retrieval_overfits_four_pairs():
     captions = [f"a {name} square" for name in ("red", "blue", "green", "yellow")]
     batch = task.format_batch([{"image": image, "caption": caption}
                                for image, caption in zip(images(COLOURS), captions)])
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0, betas=(0.9, 0.98))
-    losses = []
-    for _ in range(40):
-        loss = task.loss(model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = overfit(model, task, batch, steps=40)
     assert losses[-1] < 0.5 * losses[0], losses
     assert task.predict(model, batch) == [0, 1, 2, 3]
     # The experts were trained: the gates' routers got gradients.
