@@ -29,11 +29,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout: import the project's packages
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT, REPO_ROOT / "launch"):  # the project's packages, and checkpoint_io.py beside this script
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -49,6 +50,7 @@ from tqdm import tqdm  # noqa: E402
 from internimage import create_model, list_models  # noqa: E402
 from internimage.model import HEAD_MODULES  # noqa: E402
 from internimage.transforms import build_eval_transform  # noqa: E402
+from checkpoint_io import atomic_save, atomic_write, rng_state, set_rng_state  # noqa: E402
 
 CHECKPOINT_NAME = "checkpoint-last.pt"
 DEEPSPEED_DIR = "deepspeed"
@@ -601,44 +603,6 @@ def evaluate_all(trainer: Trainer, loader: DataLoader, num_classes: int, progres
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Writes to a temporary file beside `path`, syncs it, then renames: a crash leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # persist the rename itself (not possible on every filesystem)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def run_state(trainer: Trainer, args, classes: list[str]) -> dict[str, Any]:
     """What a resume needs besides the model and optimiser."""
     return {"scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,

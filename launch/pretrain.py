@@ -33,11 +33,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout: import the project's packages
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT, REPO_ROOT / "launch"):  # the project's packages, and checkpoint_io.py beside this script
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -48,6 +49,7 @@ from torch import nn  # noqa: E402
 from data_recipes.formats import open_dataset, parse_spec  # noqa: E402
 from data_recipes.recipe import Recipe, TaskRecipe, load_recipe  # noqa: E402
 from data_recipes.sampler import UnmixedTaskSampler, step_seed  # noqa: E402
+from checkpoint_io import atomic_write, fsync_dir, rng_state, set_rng_state  # noqa: E402
 
 CHECKPOINTS, EXPORT, LATEST, STATE_FILE, ENGINE_TAG = "checkpoints", "export", "latest", "state.pt", "engine"
 CHECKPOINT_PREFIX, TEMPORARY_PREFIX = "step_", ".tmp-"
@@ -443,44 +445,6 @@ def train_step(trainer: Trainer) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not possible on every filesystem
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
-    """Writes to a temporary file beside `path`, syncs it, then renames: a crash leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def _sync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
@@ -558,8 +522,8 @@ def save_checkpoint(trainer: Trainer) -> Path:
         if final.exists():  # the same step saved again (a resumed run that stops where it started)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(folder)
-        atomic_write_bytes(folder / LATEST, lambda f: f.write(name.encode()))
+        fsync_dir(folder)
+        atomic_write(folder / LATEST, lambda f: f.write(name.encode()))
         _refresh_export(final / EXPORT, output / EXPORT)
         for old in checkpoint_dirs(output)[:-trainer.recipe.checkpoint.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -656,7 +620,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-    atomic_write_bytes(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
