@@ -39,46 +39,8 @@ struct Geometry {
   int64_t channels() const { return group * group_channels; }
 };
 
-// Bilinear corners of one sampling location. Corners outside the image get weight zero and an index
-// clamped into the image, so the channel loops need no branches.
-template <typename acc_t>
-struct Corners {
-  int64_t index[4];  // pixel index h*W + w of (low,low), (low,high), (high,low), (high,high)
-  acc_t weight[4];   // bilinear weight, zero for a corner outside the image
-  acc_t valid[4];    // 1 inside the image, 0 outside
-  acc_t lh, lw;      // fractional parts, needed for the location gradient
-
-  // Returns false when the location lies wholly outside (-1, H) x (-1, W): no corner contributes.
-  bool locate(acc_t h, acc_t w, int64_t height, int64_t width) {
-    if (!(h > acc_t(-1) && w > acc_t(-1) && h < acc_t(height) && w < acc_t(width))) return false;
-    const acc_t h_floor = std::floor(h), w_floor = std::floor(w);
-    const int64_t h0 = static_cast<int64_t>(h_floor), w0 = static_cast<int64_t>(w_floor);
-    lh = h - h_floor;
-    lw = w - w_floor;
-    const acc_t hh = acc_t(1) - lh, hw = acc_t(1) - lw;
-    const bool h_low_in = h0 >= 0, h_high_in = h0 + 1 <= height - 1;
-    const bool w_low_in = w0 >= 0, w_high_in = w0 + 1 <= width - 1;
-    const int64_t hl = std::max<int64_t>(h0, 0), hu = std::min<int64_t>(h0 + 1, height - 1);
-    const int64_t wl = std::max<int64_t>(w0, 0), wu = std::min<int64_t>(w0 + 1, width - 1);
-    index[0] = hl * width + wl;
-    index[1] = hl * width + wu;
-    index[2] = hu * width + wl;
-    index[3] = hu * width + wu;
-    valid[0] = (h_low_in && w_low_in) ? acc_t(1) : acc_t(0);
-    valid[1] = (h_low_in && w_high_in) ? acc_t(1) : acc_t(0);
-    valid[2] = (h_high_in && w_low_in) ? acc_t(1) : acc_t(0);
-    valid[3] = (h_high_in && w_high_in) ? acc_t(1) : acc_t(0);
-    weight[0] = hh * hw * valid[0];
-    weight[1] = hh * lw * valid[1];
-    weight[2] = lh * hw * valid[2];
-    weight[3] = lh * lw * valid[3];
-    return true;
-  }
-};
-
-// Locates all P points of one (pixel, group) before any channel work: the points are independent, so
-// their floor/clamp/index chains overlap here, and the channel loops that follow find their addresses
-// ready instead of each point's loads waiting on its own chain.
+// The fixed kernel grid of a configuration, shared by the forward's and the backward's location passes
+// (PointTaps, BackwardTaps), which locate all P points of a (pixel, group) before any channel work.
 template <typename acc_t>
 struct PointLocator {
   const Geometry& geo;
@@ -96,17 +58,6 @@ struct PointLocator {
         px.push_back(static_cast<acc_t>(i * geo.dilation_w - center_w));
         py.push_back(static_cast<acc_t>(j * geo.dilation_h - center_h));
       }
-    }
-  }
-
-  template <typename scalar_t>
-  void locate(int64_t ho, int64_t wo, const scalar_t* off, Corners<acc_t>* corners, char* inside) const {
-    const acc_t base_w = static_cast<acc_t>(wo * geo.stride_w - geo.pad_w + center_w);
-    const acc_t base_h = static_cast<acc_t>(ho * geo.stride_h - geo.pad_h + center_h);
-    for (int64_t p = 0; p < geo.points; ++p) {
-      const acc_t w = base_w + (px[p] + static_cast<acc_t>(off[2 * p])) * scale;
-      const acc_t h = base_h + (py[p] + static_cast<acc_t>(off[2 * p + 1])) * scale;
-      inside[p] = corners[p].locate(h, w, geo.height, geo.width);
     }
   }
 };
@@ -286,8 +237,8 @@ struct BackwardTaps {
     acc_t *s0 = scatter[0].data(), *s1 = scatter[1].data(), *s2 = scatter[2].data(), *s3 = scatter[3].data();
     acc_t *v0 = valid[0].data(), *v1 = valid[1].data(), *v2 = valid[2].data(), *v3 = valid[3].data();
     acc_t *lh_out = lh.data(), *lw_out = lw.data(), *ms = mask_scale.data();
-    // (GCC does not vectorise this loop under its default -ftrapping-math: it will not if-convert the
-    // floor and the comparisons. Hence the AVX2 version above for float.)
+    // (GCC vectorises this loop only with -fno-trapping-math, which ops/build.py passes; the AVX2 version
+    // above for float does not depend on that flag.)
 #pragma omp simd
     for (int64_t p = 0; p < points; ++p) {
       acc_t w = base_w + (gx[p] + static_cast<acc_t>(off[2 * p])) * scale;
