@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from eval.metrics import (bleu, caption_tokenize, chance_recall, cider_d, exact_match_accuracy,
                           mean_per_class_recall, mean_vqa_accuracy, normalize_vqa_answer, positives_from_index,
                           retrieval_chance, retrieval_recall, topk_accuracy, vqa_accuracy)
+from tiny_model import TINY_BACKBONE
 
 # ------------------------------------------------------------------------------------------------- retrieval
 # 3 images, 5 texts: texts 0, 1 describe image 0, text 2 image 1, texts 3, 4 image 2.
@@ -152,7 +153,7 @@ def test_cider_by_hand():
 
 
 # ---------------------------------------------------------------------------------------------- eval.shapes
-BACKBONE = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0, dcn_backend="reference")
+BACKBONE = TINY_BACKBONE
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from uniperceiver import UniPerceiver, UniPerceiverConfig, tiny_config
+from tiny_model import TINY_BACKBONE
 
-BACKBONE = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0, dcn_backend="reference")
+BACKBONE = TINY_BACKBONE
 
 
 @pytest.fixture(scope="module")
