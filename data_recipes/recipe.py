@@ -49,7 +49,9 @@ class TaskRecipe:
 class OptimizerConfig:
     """adamw: torch AdamW with grad-norm clipping at `grad_clip` (None: off). tbgn: `tasks.tbgn.TBGNAdamW`,
     which normalises every gradient itself, so `grad_clip` is not applied. The learning rate warms up linearly
-    over `warmup_steps`, then follows `schedule` ("cosine" down to `min_lr` at the last step, or "constant")."""
+    over `warmup_steps`, then follows `schedule` ("cosine" down to `min_lr` at the last step, or "constant").
+    `encoder_lr_scale` multiplies the learning rate of the image backbone and the language model (the parts an
+    official checkpoint usually supplies); the decoder, projections and readout train at `lr`."""
     name: Literal["adamw", "tbgn"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -59,6 +61,7 @@ class OptimizerConfig:
     min_lr: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: Union[float, None] = 1.0
+    encoder_lr_scale: float = 1.0
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """The learning rate of optimizer step `step` (0-based) of `total_steps`."""
@@ -199,6 +202,7 @@ class Recipe:
         check(opt.weight_decay >= 0, "optimizer.weight_decay", ">= 0", opt.weight_decay)
         check(all(0 <= b < 1 for b in opt.betas), "optimizer.betas", "two numbers in [0, 1)", list(opt.betas))
         check(opt.eps >= 0, "optimizer.eps", ">= 0", opt.eps)
+        check(opt.encoder_lr_scale > 0, "optimizer.encoder_lr_scale", "> 0", opt.encoder_lr_scale)
         # a warm-up longer than the run is allowed (a short trial run of a long recipe): the lr never peaks
         check(opt.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0", opt.warmup_steps)
         check(opt.grad_clip is None or opt.grad_clip > 0, "optimizer.grad_clip", "> 0 or null (off)", opt.grad_clip)

@@ -301,24 +301,40 @@ def model_config_for(recipe: Recipe, datasets: dict[str, Any]):
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on 1-D tensors (norms, biases, temperatures, layer scales)."""
-    decay, no_decay = [], []
+def parameter_groups(model: nn.Module, weight_decay: float, encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """No weight decay on 1-D tensors (norms, biases, temperatures, layer scales); the encoders' parameters (see
+    `UniPerceiver.encoder_modules`) in groups of their own whose `lr_scale` is `encoder_lr_scale`.
+
+    Randomly initialised encoders trained at the decoder's learning rate collapse in a few steps: every image
+    (and every text) gets the same embedding, the logits become uniform and the loss sits at exactly log(N)
+    from then on. A 10x lower rate for the encoders avoids that (launch/recipes/tiny.yaml)."""
+    encoder_params = set()
+    if encoder_lr_scale != 1.0:
+        encoder_params = {id(p) for module in model.encoder_modules() for p in module.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((id(param) in encoder_params, param.ndim > 1), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": encoder_lr_scale if encoder else 1.0}
+            for (encoder, decay), params in sorted(groups.items())]
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, runtime: Runtime) -> torch.optim.Optimizer:
     opt = recipe.optimizer
+    groups = parameter_groups(model, opt.weight_decay, opt.encoder_lr_scale)
     if opt.name == "adamw":
-        return torch.optim.AdamW(parameter_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
     from tasks.tbgn import TBGNAdamW
     zero = runtime.deepspeed is not None and recipe.deepspeed.zero_stage > 0
-    # Under ZeRO, DeepSpeed steps one parameter group at a time: TBGN needs ONE group to see the global norm
-    # (see tasks/tbgn.py), so weight decay then applies to every tensor.
-    groups = [p for p in model.parameters() if p.requires_grad] if zero else parameter_groups(model, opt.weight_decay)
+    if zero:
+        # Under ZeRO, DeepSpeed steps one parameter group at a time: TBGN needs ONE group to see the global norm
+        # (see tasks/tbgn.py), so weight decay then applies to every tensor and all train at one rate.
+        if opt.encoder_lr_scale != 1.0:
+            raise ValueError(f"recipe optimizer.encoder_lr_scale={opt.encoder_lr_scale}: TBGN under ZeRO stage "
+                             f"{recipe.deepspeed.zero_stage} keeps every parameter in one group at one learning "
+                             "rate; set optimizer.encoder_lr_scale=1.0, or use optimizer.name=adamw")
+        groups = [p for p in model.parameters() if p.requires_grad]
     return TBGNAdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
                      grad_norm_reduction="sum" if zero else "local")
 
@@ -393,7 +409,7 @@ def train_step(trainer: Trainer) -> dict[str, Any]:
     entry, task = recipe.task(name), trainer.tasks[name]
     lr = recipe.optimizer.lr_at(step, recipe.steps)
     for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     tbgn = recipe.optimizer.name == "tbgn"
     if tbgn:
         trainer.optimizer.set_task(name, trainer.sampler.probability(name), entry.loss_weight)

@@ -163,17 +163,36 @@ class SharedDecoder(nn.Module):
         self.embed_norm = nn.LayerNorm(config.width)
         rates = torch.linspace(0, config.drop_path, config.depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(DecoderBlock(config, rate, config.uses_moe(i)) for i, rate in enumerate(rates))
-        self.apply(self._init_weights)
+        self.apply(self._init_embeddings)
+        for block in self.blocks:
+            self._init_block(block, config)
         nn.init.trunc_normal_(self.spe, std=0.02)
 
     @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+    def _init_embeddings(module: nn.Module) -> None:
+        if isinstance(module, nn.Embedding):
             nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.trunc_normal_(module.weight, std=0.02)
+
+    @staticmethod
+    def _init_block(block: "DecoderBlock", config: DecoderConfig) -> None:
+        """Width-scaled initialisation, as open_clip's text transformer: std width^-0.5 into attention,
+        (2 width)^-0.5 into the MLP, and width^-0.5 (2 depth)^-0.5 for the layers that write the residual.
+
+        BERT's fixed std of 0.02 suits width 768; at width 64 it leaves every attention output ~60x smaller than
+        the residual, so that all <SPE> outputs start nearly equal (cosine 0.9999) and a model trained from
+        scratch stays stuck at uniform logits."""
+        width = config.width
+        residual_std = width ** -0.5 * (2 * config.depth) ** -0.5
+        linears = [(block.attn.qkv, width ** -0.5), (block.attn.proj, residual_std)]
+        if isinstance(block.mlp, MoEFeedForward):
+            for experts, std in ((block.mlp.fc1, (2 * width) ** -0.5), (block.mlp.fc2, residual_std)):
+                nn.init.normal_(experts.weight, std=std)
+                nn.init.zeros_(experts.bias)
+        else:
+            linears += [(block.mlp[0], (2 * width) ** -0.5), (block.mlp[2], residual_std)]
+        for linear, std in linears:
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)
 
     # ----------------------------------------------------------------------------------------- sequences
     def spe_tokens(self, batch: int, count: int = 1) -> tuple[Tensor, Tensor]:

@@ -157,6 +157,11 @@ class UniPerceiver(nn.Module):
         return features[:, 0]
 
     # ---------------------------------------------------------------------------------------- encoders
+    def encoder_modules(self) -> tuple[nn.Module, nn.Module]:
+        """The image backbone and the language model: the parts an official checkpoint usually supplies, which
+        recipes train at a lower learning rate (`optimizer.encoder_lr_scale`)."""
+        return self.image_encoder.backbone, self.text_encoder.model
+
     def image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.image_encoder(images)
 

@@ -26,7 +26,7 @@ class SimilarityReadout(nn.Module):
             raise ValueError("SimilarityReadout needs at least one task family")
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim)
-        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.normal_(self.proj.weight, std=width ** -0.5)
         nn.init.zeros_(self.proj.bias)
         self.log_max_scale = math.log(max_scale)
         self.logit_scale = nn.ParameterDict(
