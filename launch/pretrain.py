@@ -322,11 +322,12 @@ def parameter_groups(model: nn.Module, weight_decay: float, encoder_lr_scale: fl
 
 def build_optimizer(model: nn.Module, recipe: Recipe, runtime: Runtime) -> torch.optim.Optimizer:
     opt = recipe.optimizer
-    groups = parameter_groups(model, opt.weight_decay, opt.encoder_lr_scale)
     if opt.name == "adamw":
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        return torch.optim.AdamW(parameter_groups(model, opt.weight_decay, opt.encoder_lr_scale), lr=opt.lr,
+                                 betas=opt.betas, eps=opt.eps)
     from tasks.tbgn import TBGNAdamW
     zero = runtime.deepspeed is not None and recipe.deepspeed.zero_stage > 0
+    groups = parameter_groups(model, opt.weight_decay, opt.encoder_lr_scale) if not zero else None
     if zero:
         # Under ZeRO, DeepSpeed steps one parameter group at a time: TBGN needs ONE group to see the global norm
         # (see tasks/tbgn.py), so weight decay then applies to every tensor and all train at one rate.

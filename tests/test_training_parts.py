@@ -274,8 +274,9 @@ def test_overrides():
     assert recipe.model["max_caption_length"] == 30
     assert recipe.task("vqa").kwargs == {"mode": "rank", "label_smoothing": 0.2}
     assert recipe.output_dir == "/tmp/run"
-    assert recipe.optimizer.lr_at(0, 200) == pytest.approx(3e-4 / 40)
-    assert recipe.optimizer.lr_at(39, 200) == pytest.approx(3e-4)
+    warmup = recipe.optimizer.warmup_steps
+    assert recipe.optimizer.lr_at(0, 200) == pytest.approx(3e-4 / warmup)
+    assert recipe.optimizer.lr_at(warmup - 1, 200) == pytest.approx(3e-4)
     assert recipe.optimizer.lr_at(199, 200) == pytest.approx(recipe.optimizer.min_lr)
 
 
