@@ -1,8 +1,11 @@
 """Zero-shot evaluation suites and their metrics. A suite is registered by name and run from one CLI:
 
     python -m eval shapes --model runs/shapes-tiny/export --limit 100 --out results.json
+    python -m eval coco_retrieval --model runs/x/export --data /data/coco --compare old.json
+    torchrun --nproc_per_node 8 -m eval imagenet --model runs/x/export --data /data/imagenet
 
-or from Python: `from eval.shapes import evaluate_shapes, format_table`.
+or from Python: `from eval.shapes import evaluate_shapes, format_table`, `from eval.benchmarks import
+evaluate_retrieval, evaluate_captioning, evaluate_vqa, evaluate_classification`.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Suite:
-    """An evaluation suite. `add_arguments` adds the suite's own CLI options; `run(model, args)` evaluates a
-    loaded model and returns a JSON-able results dict; `format(results)` renders it for the terminal."""
+    """An evaluation suite. `add_arguments` adds the suite's own CLI options (the CLI adds --model, --data,
+    --limit, --batch-size, --out, --compare to every suite); `run(model, args, world)` evaluates a loaded model
+    on this rank's share (`eval.distributed.EvalWorld`) and returns a JSON-able results dict on rank 0, None on
+    the others; `format(results)` renders it for the terminal."""
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -43,6 +48,6 @@ def list_suites() -> list[str]:
 
 
 # Importing a suite module registers it.
-from . import shapes  # noqa: E402,F401
+from . import benchmarks, shapes  # noqa: E402,F401
 
 __all__ = ["Suite", "get_suite", "list_suites", "register_suite"]

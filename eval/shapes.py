@@ -268,15 +268,18 @@ def format_table(results: dict[str, Any]) -> str:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="train, val or test (default: test)")
     parser.add_argument("--dataset", default=None,
-                        help="a shapes SPEC, e.g. 'shapes:/data/shapes?seed=1' (default: the built-in dataset)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    parser.add_argument("--batch-size", type=int, default=32)
+                        help="a shapes SPEC, e.g. 'shapes:/data/shapes?seed=1' (default: the built-in dataset; "
+                             "--data FOLDER is short for shapes:FOLDER)")
     parser.add_argument("--beams", type=int, default=1, help="captioning beam size (1: greedy)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
 
 
-def _run(model, args: argparse.Namespace) -> dict:
-    return evaluate_shapes(model, split=args.split, dataset=args.dataset, limit=args.limit,
+def _run(model, args: argparse.Namespace, world) -> dict | None:
+    """The shapes split is small: rank 0 evaluates it alone."""
+    if not world.is_main:
+        return None
+    dataset = args.dataset or (f"shapes:{args.data}" if args.data else None)
+    return evaluate_shapes(model, split=args.split, dataset=dataset, limit=args.limit,
                            batch_size=args.batch_size, beams=args.beams, progress=not args.no_progress,
                            tasks=args.tasks)
 

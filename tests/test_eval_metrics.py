@@ -288,6 +288,6 @@ def test_unknown_suite_and_bad_spec_are_clear():
     from eval.shapes import evaluate_shapes
 
     with pytest.raises(ValueError, match="registered suites: .*shapes"):
-        get_suite("imagenet")
+        get_suite("no_such_suite")
     with pytest.raises(ValueError, match="not a shapes SPEC"):
         evaluate_shapes(None, dataset="coco_karpathy:/data/coco")
