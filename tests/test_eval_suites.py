@@ -294,3 +294,25 @@ def test_compare_lists_every_metric_of_either_file(tmp_path):
         load_results(tmp_path / "x.json")
     with pytest.raises(FileNotFoundError, match="--compare .*missing.json: no such file"):
         load_results(tmp_path / "missing.json")
+
+
+def test_torchrun_splits_the_images_across_two_ranks_and_matches_one_process(data, saved_model, tmp_path):
+    """Two gloo ranks on the CPU: each encodes half of the images and captions, rank 0 gathers them in order;
+    the metrics equal a single process's."""
+    import os
+    import subprocess
+    import sys
+
+    from eval.__main__ import main
+
+    args = ["coco_retrieval", "--model", str(saved_model), "--data", str(data["coco"]), "--no-progress",
+            "--device", "cpu", "--batch-size", "3"]
+    single = main(args + ["--out", str(tmp_path / "one.json")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           "2", "-m", "eval", *args, "--out", str(tmp_path / "two.json")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2 and two["counts"] == single["counts"]
+    assert two["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
