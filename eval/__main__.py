@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"\ncompared with {args.compare}:\n")
         print(format_comparison(compare(results, previous), Path(args.compare).name))
     if args.out:
+        predictions = results.pop("predictions", None)
+        if predictions is not None:  # COCO's caption results / the VQA server's format, ready to submit
+            path = Path(args.out)
+            results["predictions_file"] = str(write_json(path.with_name(f"{path.stem}.predictions.json"),
+                                                         predictions))
         print(f"results written to {write_json(args.out, results)}", file=sys.stderr)
     return results
 

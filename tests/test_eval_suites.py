@@ -244,6 +244,13 @@ def test_missing_data_and_malformed_annotations_name_the_file(data, tmp_path):
     (bad / "v2_OpenEnded_mscoco_val2014_questions.json").write_text("{not json")
     with pytest.raises(ValueError, match="v2_OpenEnded_mscoco_val2014_questions.json: not valid JSON"):
         _open("vqav2", str(bad), "vqav2", split="val")
+    (bad / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": [{"image_id": 1}]}))
+    (bad / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": []}))
+    with pytest.raises(ValueError, match="questions.json: question 0 .* lacks 'image_id', 'question' or"):
+        _open("vqav2", str(bad), "vqav2", split="val")
+    (bad / "dataset_coco.json").write_text(json.dumps({"images": [{"split": "test", "sentences": []}]}))
+    with pytest.raises(ValueError, match="dataset_coco.json: 1 test image entries lack 'filename'"):
+        _open("coco_karpathy", str(bad), "coco_caption", split="test")
     with pytest.raises(FileNotFoundError, match="--model .*no such folder"):
         main(["coco_retrieval", "--model", str(tmp_path / "nothing"), "--data", str(data["coco"])])
 
@@ -263,6 +270,7 @@ def saved_model(tmp_path_factory, offline_cache):  # noqa: F811
     ("flickr30k_retrieval", "flickr30k", []),
     ("vqav2", "vqa", []),
     ("imagenet", "imagenet", ["--templates", "simple"]),
+    ("coco_caption", "coco", ["--beams", "2"]),
 ])
 def test_cli_runs_each_suite_on_a_saved_model_and_compares(data, saved_model, tmp_path, capsys, suite, root, extra):
     from eval.__main__ import main
@@ -273,8 +281,13 @@ def test_cli_runs_each_suite_on_a_saved_model_and_compares(data, saved_model, tm
     first_run = main([suite, *common, "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["suite"] == first_run["suite"] and saved["metrics"] == pytest.approx(first_run["metrics"])
-    assert saved["metrics"] and all(0.0 <= v <= 1.0 and not math.isnan(v) for v in saved["metrics"].values())
+    bounded = {k: v for k, v in saved["metrics"].items() if k != "caption/CIDEr"}  # CIDEr goes up to 10
+    assert saved["metrics"] and all(0.0 <= v <= 1.0 and not math.isnan(v) for v in bounded.values())
     assert saved["model"] == str(saved_model) and saved["world_size"] == 1
+    if suite in ("vqav2", "coco_caption"):  # the predictions, in the format COCO's and VQA's servers take
+        predictions = json.loads(Path(saved["predictions_file"]).read_text())
+        key = "question_id" if suite == "vqav2" else "image_id"
+        assert len(predictions) == sum(saved["counts"].values()) and all(key in p for p in predictions)
     capsys.readouterr()
     main([suite, *common, "--limit", "2", "--compare", str(out)])
     printed = capsys.readouterr().out

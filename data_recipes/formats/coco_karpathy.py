@@ -34,7 +34,13 @@ class KarpathyCaptions(ImageDataset):
         if not isinstance(entries, dict) or not isinstance(entries.get("images"), list):
             raise ValueError(f"{self.annotation_path}: expected Karpathy's schema {{\"images\": [...]}}")
         wanted = SPLITS[split]
-        self.records = [e for e in entries["images"] if e.get("split") in wanted]
+        self.records = [e for e in entries["images"] if isinstance(e, dict) and e.get("split") in wanted]
+        broken = [i for i, e in enumerate(self.records) if "filename" not in e or not isinstance(
+            e.get("sentences", []), list)]
+        if broken:
+            raise ValueError(f"{self.annotation_path}: {len(broken)} {split} image entries lack 'filename' or have "
+                             f"'sentences' that is not a list (the first is entry {broken[0]} of the split); "
+                             "expected Karpathy's {\"filename\", \"split\", \"sentences\": [{\"raw\"}]}")
 
     def _sample(self, entry: dict) -> Sample:
         folder = entry.get("filepath", self.default_image_dir)

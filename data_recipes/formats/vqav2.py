@@ -43,7 +43,17 @@ class VQAv2(ImageDataset):
             entries = read_json(self.annotations_path).get("annotations")
             if not isinstance(entries, list):
                 raise ValueError(f"{self.annotations_path}: expected {{\"annotations\": [...]}}")
+            broken = [i for i, a in enumerate(entries) if not isinstance(a, dict) or "question_id" not in a
+                      or not isinstance(a.get("answers"), list)]
+            if broken:
+                raise ValueError(f"{self.annotations_path}: annotation {broken[0]} (of {len(broken)} such) lacks "
+                                 "'question_id' or an 'answers' list; expected the official VQAv2 annotations")
             annotations = {a["question_id"]: a for a in entries}
+        broken = [i for i, q in enumerate(questions) if not isinstance(q, dict)
+                  or not {"image_id", "question", "question_id"} <= set(q)]
+        if broken:
+            raise ValueError(f"{self.questions_path}: question {broken[0]} (of {len(broken)} such) lacks 'image_id', "
+                             "'question' or 'question_id'; expected the official VQAv2 questions")
         self.records = [(q, annotations.get(q["question_id"])) for q in questions]
 
     def _sample(self, record) -> Sample:
