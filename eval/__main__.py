@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data", default=None, help="the dataset's root folder, in its official layout")
         sub.add_argument("--limit", type=int, default=None, help="only the first N images (questions for vqav2)")
         sub.add_argument("--batch-size", type=int, default=32)
+        sub.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
+                         help="DataLoader processes decoding images (0: in the main process)")
         sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
         sub.add_argument("--out", default=None, help="write the results here as JSON")
         sub.add_argument("--compare", default=None, help="an earlier results JSON: print the differences")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import Suite, register_suite
 from .distributed import EvalWorld
-from .encoding import encode_images, encode_texts, first, load_images, map_in_batches
+from .encoding import encode_images, encode_texts, first, map_images
 from .metrics import mean_per_class_recall, mean_vqa_accuracy, retrieval_recall, topk_accuracy
 
 RECALL_KS = (1, 5, 10)
@@ -52,7 +52,7 @@ def _results(suite: str, split: str, root: str | None, counts: dict, settings: d
 
 # ----------------------------------------------------------------------------------------------- retrieval
 def evaluate_retrieval(model, dataset, world: EvalWorld, batch_size: int = 64, limit: int | None = None,
-                       progress: bool = True, suite: str = "retrieval") -> dict[str, Any] | None:
+                       progress: bool = True, suite: str = "retrieval", workers: int = 0) -> dict[str, Any] | None:
     """Image<->text recall@1/5/10 over the first `limit` images of a captions dataset (all their captions).
     Rank 0 returns the results, other ranks None."""
     indices = first(len(dataset), limit)
@@ -64,7 +64,7 @@ def evaluate_retrieval(model, dataset, world: EvalWorld, batch_size: int = 64, l
         texts += captions
         text_to_image += [position] * len(captions)
     start = time.perf_counter()
-    images = encode_images(model, world, dataset, batch_size, progress, indices)
+    images = encode_images(model, world, dataset, batch_size, progress, indices, workers)
     text_embeddings = encode_texts(model, world, texts, batch_size, progress, "captions")
     if not world.is_main:
         return None
@@ -78,7 +78,7 @@ def evaluate_retrieval(model, dataset, world: EvalWorld, batch_size: int = 64, l
 # ---------------------------------------------------------------------------------------------- captioning
 def evaluate_captioning(model, dataset, world: EvalWorld, batch_size: int = 32, limit: int | None = None,
                         progress: bool = True, beams: int = 3, suite: str = "coco_caption",
-                        metrics: Sequence[str] | None = None) -> dict[str, Any] | None:
+                        metrics: Sequence[str] | None = None, workers: int = 0) -> dict[str, Any] | None:
     """Captions of the first `limit` images scored against all their references by the official COCO caption
     evaluation. Rank 0 returns the results (with the predictions in COCO's results format), others None."""
     from .caption_metrics import coco_caption_scores
@@ -86,10 +86,8 @@ def evaluate_captioning(model, dataset, world: EvalWorld, batch_size: int = 32, 
     indices = first(len(dataset), limit)
     start = time.perf_counter()
 
-    def caption(batch: list[int]) -> list[str]:
-        return model.caption(load_images(model, [dataset[indices[i]] for i in batch]), beams=beams)
-
-    predictions = map_in_batches(world, len(indices), caption, batch_size, progress, "captions")
+    predictions = map_images(model, world, dataset, indices, lambda images, _: model.caption(images, beams=beams),
+                             batch_size, progress, "captions", workers)
     if not world.is_main:
         return None
     samples = [dataset[i] for i in indices]
@@ -150,7 +148,7 @@ def default_vqa_answers(dataset) -> tuple[list[str], str]:
 
 def evaluate_vqa(model, dataset, world: EvalWorld, batch_size: int = 32, limit: int | None = None,
                  progress: bool = True, answers: Sequence[str] | None = None, mode: str = "rank",
-                 beams: int = 1) -> dict[str, Any] | None:
+                 beams: int = 1, workers: int = 0) -> dict[str, Any] | None:
     """Answers to the first `limit` questions, ranked over `answers` (mode "rank") or generated ("generate");
     the official VQA accuracy overall and per answer type when the split has answers. The predictions are
     returned in the evaluation server's format ([{"question_id", "answer"}])."""
@@ -166,16 +164,15 @@ def evaluate_vqa(model, dataset, world: EvalWorld, batch_size: int = 32, limit: 
         answer_embeddings = encode_texts(model, world, list(answers), batch_size, progress, "answers")
         answer_embeddings = world.broadcast(answer_embeddings)
 
-    def answer(batch: list[int]) -> list[str]:
-        samples = [dataset[indices[i]] for i in batch]
-        images, questions = load_images(model, samples), [s.question for s in samples]
+    def answer(images, positions: list[int]) -> list[str]:
+        questions = [dataset[indices[i]].question for i in positions]
         if mode == "generate":
             return model.answer(images, questions, beams=beams)
         queries = F.normalize(model.vqa_query(images, questions).float(), dim=-1)
         best = (queries @ answer_embeddings.to(queries.device).T).argmax(dim=-1).tolist()
         return [answers[i] for i in best]
 
-    predictions = map_in_batches(world, len(indices), answer, batch_size, progress, "questions")
+    predictions = map_images(model, world, dataset, indices, answer, batch_size, progress, "questions", workers)
     if not world.is_main:
         return None
     samples = [dataset[i] for i in indices]
@@ -232,7 +229,7 @@ def imagenet_names_for(dataset) -> list[str]:
 
 def evaluate_classification(model, dataset, world: EvalWorld, batch_size: int = 64, limit: int | None = None,
                             progress: bool = True, templates: Sequence[str] = ("a photo of a {}.",),
-                            class_names: Sequence[str] | None = None) -> dict[str, Any] | None:
+                            class_names: Sequence[str] | None = None, workers: int = 0) -> dict[str, Any] | None:
     """Zero-shot top-1, top-5 (with 5 classes or more) and mean per-class recall over the first `limit` images;
     each class is the normalised mean of its normalised template embeddings. Rank 0 returns the results."""
     from tasks.classification import class_embeddings
@@ -240,7 +237,7 @@ def evaluate_classification(model, dataset, world: EvalWorld, batch_size: int = 
     names = list(class_names or dataset.class_names)
     indices = first(len(dataset), limit)
     start = time.perf_counter()
-    images = encode_images(model, world, dataset, batch_size, progress, indices)
+    images = encode_images(model, world, dataset, batch_size, progress, indices, workers)
     if not world.is_main:
         return None
     classes = F.normalize(class_embeddings(model, names, list(templates), classes_per_chunk=max(
@@ -264,7 +261,8 @@ def _retrieval_suite(name: str, fmt: str, default_split: str, description: str) 
 
     def run(model, args, world):
         dataset = _open(fmt, args.data, name, split=args.split)
-        return evaluate_retrieval(model, dataset, world, args.batch_size, args.limit, not args.no_progress, name)
+        return evaluate_retrieval(model, dataset, world, args.batch_size, args.limit, not args.no_progress, name,
+                                  workers=args.workers)
 
     return Suite(name, description, add, run, format_results)
 
@@ -279,7 +277,8 @@ def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_captioning(model, args, world):
     dataset = _open(args.format, args.data, "coco_caption", split=args.split, annotations=args.annotations)
-    return evaluate_captioning(model, dataset, world, args.batch_size, args.limit, not args.no_progress, args.beams)
+    return evaluate_captioning(model, dataset, world, args.batch_size, args.limit, not args.no_progress, args.beams,
+                               workers=args.workers)
 
 
 def _add_vqa_arguments(parser: argparse.ArgumentParser) -> None:
@@ -294,7 +293,7 @@ def _run_vqa(model, args, world):
     dataset = _open("vqav2", args.data, "vqav2", split=args.split)
     answers = read_answer_list(args.answers) if args.answers else None
     return evaluate_vqa(model, dataset, world, args.batch_size, args.limit, not args.no_progress, answers,
-                        args.mode, args.beams)
+                        args.mode, args.beams, workers=args.workers)
 
 
 def _add_imagenet_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,7 +306,8 @@ def _add_imagenet_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_imagenet(model, args, world):
     dataset = _open("imagefolder", args.data, "imagenet", split=args.split or None, names=args.classnames)
     return evaluate_classification(model, dataset, world, args.batch_size, args.limit, not args.no_progress,
-                                   resolve_templates(args.templates), imagenet_names_for(dataset))
+                                   resolve_templates(args.templates), imagenet_names_for(dataset),
+                                   workers=args.workers)
 
 
 def format_results(results: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .distributed import EvalWorld
 
@@ -29,18 +30,58 @@ def progress_bar(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, disable=not enabled, leave=False, unit="item")
 
 
-def load_images(model, samples: Sequence[Any]) -> Tensor:
-    """Samples -> a (B, 3, S, S) batch on the model's device, through the evaluation transform (resize,
-    centre crop, ImageNet normalisation) at the model's image size."""
-    from tasks.base import stack_images
+class _EvalImages(Dataset):
+    """(position, image tensor) of dataset[picked[position]], decoded and transformed in DataLoader workers."""
 
-    return stack_images([sample.image for sample in samples], model_image_size(model)).to(model_device(model))
+    def __init__(self, dataset, picked: Sequence[int], image_size: int):
+        from internimage.transforms import build_eval_transform
+
+        self.dataset, self.picked = dataset, list(picked)
+        self.transform = build_eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.picked)
+
+    def __getitem__(self, position: int):
+        return position, self.transform(self.dataset[self.picked[position]].image.convert("RGB"))
+
+
+def map_images(model, world: EvalWorld, dataset, picked: Sequence[int],
+               fn: Callable[[Tensor, list[int]], Sequence[Any]], batch_size: int, progress: bool,
+               description: str = "images", workers: int = 0) -> list[Any] | None:
+    """fn(images (B, 3, S, S) on the model's device, their positions in `picked`) -> one output per image, over
+    this rank's share of dataset[picked]; images are decoded and resized by `workers` DataLoader processes (the
+    evaluation transform at the model's image size). Rank 0 gets every output in order, other ranks None."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = _EvalImages(dataset, picked, model_image_size(model))
+    mine = world.shard(len(picked))
+    loader = DataLoader(Subset(images, mine), batch_size=batch_size, num_workers=workers, shuffle=False)
+    device, outputs = model_device(model), []
+    with progress_bar(len(mine), description, progress and world.is_main) as bar:
+        for positions, batch in loader:
+            result = fn(batch.to(device), positions.tolist())
+            if len(result) != len(positions):
+                raise RuntimeError(f"{description}: {len(result)} outputs for {len(positions)} images")
+            outputs += list(result)
+            bar.update(len(positions))
+    return world.gather(len(picked), outputs)
+
+
+def encode_images(model, world: EvalWorld, dataset, batch_size: int, progress: bool,
+                  indices: Sequence[int] | None = None, workers: int = 0) -> Tensor | None:
+    """(N, D) unit image embeddings of `dataset[indices]` (default: all) on rank 0, None elsewhere."""
+    picked = list(range(len(dataset))) if indices is None else list(indices)
+    rows = map_images(model, world, dataset, picked,
+                      lambda images, _: F.normalize(model.encode_image(images).float(), dim=-1),
+                      batch_size, progress, "images", workers)
+    return None if rows is None else torch.stack(rows)
 
 
 def map_in_batches(world: EvalWorld, count: int, fn: Callable[[list[int]], Sequence[Any]], batch_size: int,
                    progress: bool, description: str) -> list[Any] | None:
     """fn(indices) -> one output per index, over this rank's share of range(count), `batch_size` at a time;
-    rank 0 gets every output in order, other ranks None."""
+    rank 0 gets every output in order, other ranks None. (Texts: no decoding to parallelise.)"""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     mine = world.shard(count)
@@ -54,19 +95,6 @@ def map_in_batches(world: EvalWorld, count: int, fn: Callable[[list[int]], Seque
             outputs += list(batch)
             bar.update(len(indices))
     return world.gather(count, outputs)
-
-
-def encode_images(model, world: EvalWorld, dataset, batch_size: int, progress: bool,
-                  indices: Sequence[int] | None = None) -> Tensor | None:
-    """(N, D) unit image embeddings of `dataset[indices]` (default: all) on rank 0, None elsewhere."""
-    picked = list(range(len(dataset))) if indices is None else list(indices)
-
-    def encode(batch: list[int]) -> Tensor:
-        return F.normalize(model.encode_image(load_images(model, [dataset[picked[i]] for i in batch])).float(),
-                           dim=-1)
-
-    rows = map_in_batches(world, len(picked), encode, batch_size, progress, "images")
-    return None if rows is None else torch.stack(rows)
 
 
 def encode_texts(model, world: EvalWorld, texts: Sequence[str], batch_size: int, progress: bool,
