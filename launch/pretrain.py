@@ -727,35 +727,6 @@ class StopFlag:
                 signal.signal(sig, handler)
 
 
-@contextlib.contextmanager
-def _scalar_parameters_as_vectors():
-    """DeepSpeed (0.19) broadcasts every parameter as `p.data.view(torch.uint8)`, which fails for 0-dim tensors
-    (the readout's per-task temperatures): during its broadcast, show them as 1-element views of the same memory."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = getattr(DeepSpeedEngine, "_broadcast_model", None)
-    if original is None:
-        yield
-        return
-
-    def broadcast(engine):
-        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
-        kept = [p.data for p in scalars]
-        for p in scalars:
-            p.data = p.data.view(1)
-        try:
-            original(engine)
-        finally:
-            for p, data in zip(scalars, kept):
-                p.data = data
-
-    DeepSpeedEngine._broadcast_model = broadcast
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._broadcast_model = original
-
-
 def build_trainer(recipe: Recipe, runtime: Runtime, output: Path) -> Trainer:
     from uniperceiver import UniPerceiver
 
@@ -769,9 +740,8 @@ def build_trainer(recipe: Recipe, runtime: Runtime, output: Path) -> Trainer:
     optimizer = build_optimizer(model, recipe, runtime)
     engine = None
     if runtime.deepspeed is not None:
-        with _scalar_parameters_as_vectors():
-            engine, _, _, _ = runtime.deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           config=deepspeed_config(recipe, runtime))
+        engine, _, _, _ = runtime.deepspeed.initialize(model=model, optimizer=optimizer,
+                                                       config=deepspeed_config(recipe, runtime))
     kinds = {entry.name: entry.task for entry in recipe.tasks}
     streams = {entry.name: TaskStream(entry.name, i, datasets[entry.name], tasks[entry.name], kinds[entry.name],
                                       entry.batch_size, recipe.seed, runtime.rank, runtime.world_size)

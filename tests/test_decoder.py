@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from uniperceiver.decoder import DecoderConfig, KVCache, Modality, SharedDecoder
 from uniperceiver.masks import (CaptionLayout, bidirectional_mask, caption_attention_mask,
@@ -83,7 +84,7 @@ def test_padded_caption_mask_is_the_hand_written_layout():
 # ------------------------------------------------------------------------------------------ KV cache
 def caption_batch(decoder: SharedDecoder, batch: int = 3, num_image: int = 2, num_words: int = 4):
     torch.manual_seed(1)
-    dtype = decoder.spe.dtype
+    dtype = decoder.spe.weight.dtype
     inputs = decoder.caption_inputs(torch.randn(batch, num_image, WIDTH, dtype=dtype),
                                     torch.full((batch, num_image), int(Modality.IMAGE_PATCH)),
                                     torch.randn(batch, num_words, WIDTH, dtype=dtype))
@@ -281,3 +282,36 @@ def test_tiny_decoder_and_readout_learn_to_match_inputs_to_targets():
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
     assert torch.equal(logits.argmax(-1), labels)
+
+
+def test_attention_pool_equals_torch_multihead_attention():
+    """The image encoder's pooling (own Linear layers, for ZeRO-3) computes what nn.MultiheadAttention does with
+    the same weights, followed by the LayerNorm."""
+    from uniperceiver.image_encoder import AttentionPool
+
+    torch.manual_seed(0)
+    pool = AttentionPool(WIDTH, num_queries=3, heads=4).double()
+    reference = nn.MultiheadAttention(WIDTH, 4, batch_first=True).double()
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([pool.q_proj.weight, pool.kv_proj.weight]))
+        reference.in_proj_bias.copy_(torch.cat([pool.q_proj.bias, pool.kv_proj.bias]))
+        reference.out_proj.weight.copy_(pool.out_proj.weight)
+        reference.out_proj.bias.copy_(pool.out_proj.bias)
+    tokens = torch.randn(2, 9, WIDTH, dtype=torch.float64)
+    queries = pool.queries.expand(2, -1, -1)
+    expected = pool.norm(reference(queries, tokens, tokens, need_weights=False)[0])
+    torch.testing.assert_close(pool(tokens), expected, rtol=0, atol=1e-10)
+
+
+def test_state_dicts_of_the_earlier_layout_still_load():
+    """Exports written when <SPE> was a bare parameter and the temperatures 0-d tensors load unchanged."""
+    torch.manual_seed(0)
+    decoder, readout = SharedDecoder(DecoderConfig(width=WIDTH, depth=1, heads=4)), SimilarityReadout(WIDTH, 8)
+    old_decoder = {("spe" if k == "spe.weight" else k): v for k, v in decoder.state_dict().items()}
+    old_readout = {k: (v.reshape(()) if k.startswith("logit_scale.") else v) for k, v in readout.state_dict().items()}
+    fresh_decoder, fresh_readout = SharedDecoder(DecoderConfig(width=WIDTH, depth=1, heads=4)), SimilarityReadout(WIDTH, 8)
+    fresh_decoder.load_state_dict(old_decoder)
+    fresh_readout.load_state_dict(old_readout)
+    torch.testing.assert_close(fresh_decoder.spe.weight, decoder.spe.weight)
+    assert fresh_readout.logit_scale["vqa"].shape == (1,)
+    assert fresh_readout.scale("vqa").item() == pytest.approx(readout.scale("vqa").item())

@@ -151,13 +151,25 @@ class DecoderBlock(nn.Module):
         return x, kv
 
 
+class LearnedToken(nn.Module):
+    """The learned <SPE> feature, read by calling the module so that DeepSpeed ZeRO-3 (which gathers a module's
+    parameters when it is called) has it whole: the decoder's callers build sequences outside its forward."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width))
+
+    def forward(self, batch: int, count: int = 1) -> Tensor:
+        return self.weight.expand(batch, count, -1)
+
+
 class SharedDecoder(nn.Module):
     """The decoder g shared by all tasks, inputs and targets alike."""
 
     def __init__(self, config: DecoderConfig | None = None):
         super().__init__()
         self.config = config = config or DecoderConfig()
-        self.spe = nn.Parameter(torch.empty(config.width))
+        self.spe = LearnedToken(config.width)
         self.modality_embed = nn.Embedding(config.num_modalities, config.width)
         self.position_embed = nn.Embedding(config.max_positions, config.width)
         self.embed_norm = nn.LayerNorm(config.width)
@@ -166,7 +178,13 @@ class SharedDecoder(nn.Module):
         self.apply(self._init_embeddings)
         for block in self.blocks:
             self._init_block(block, config)
-        nn.init.trunc_normal_(self.spe, std=0.02)
+        nn.init.trunc_normal_(self.spe.weight, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Exports written when <SPE> was a bare parameter hold it as `spe`, now `spe.weight`."""
+        if prefix + "spe" in state_dict and prefix + "spe.weight" not in state_dict:
+            state_dict[prefix + "spe.weight"] = state_dict.pop(prefix + "spe")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _init_embeddings(module: nn.Module) -> None:
@@ -197,8 +215,8 @@ class SharedDecoder(nn.Module):
     # ----------------------------------------------------------------------------------------- sequences
     def spe_tokens(self, batch: int, count: int = 1) -> tuple[Tensor, Tensor]:
         """`count` <SPE> tokens per sample: features (batch, count, width) and modality ids (batch, count)."""
-        tokens = self.spe.expand(batch, count, -1)
-        ids = torch.full((batch, count), int(Modality.SPE), dtype=torch.long, device=self.spe.device)
+        tokens = self.spe(batch, count)
+        ids = torch.full((batch, count), int(Modality.SPE), dtype=torch.long, device=tokens.device)
         return tokens, ids
 
     def prepend_spe(self, tokens: Tensor, modality_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from internimage import create_model
@@ -34,18 +35,29 @@ class ImageEncoderConfig:
 
 
 class AttentionPool(nn.Module):
-    """Learned queries attending over the patch tokens (CLIP-style attention pooling)."""
+    """Learned queries attending over the patch tokens (CLIP-style attention pooling).
+
+    Written with its own Linear layers rather than nn.MultiheadAttention: that module reads its output
+    projection's weight without calling it, which DeepSpeed ZeRO-3 (gathering a module's parameters when the
+    module is called) leaves partitioned."""
 
     def __init__(self, width: int, num_queries: int, heads: int):
         super().__init__()
+        self.heads = heads
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.q_proj = nn.Linear(width, width)
+        self.kv_proj = nn.Linear(width, 2 * width)
+        self.out_proj = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        queries = self.queries.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        pooled, _ = self.attn(queries, tokens, tokens, need_weights=False)
-        return self.norm(pooled)
+        batch, length, width = tokens.shape
+        queries = self.q_proj(self.queries.to(tokens.dtype)).expand(batch, -1, -1)
+        heads, head_dim = self.heads, width // self.heads
+        q = queries.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        k, v = self.kv_proj(tokens).view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, width)
+        return self.norm(self.out_proj(pooled))
 
 
 class ImageEncoder(nn.Module):

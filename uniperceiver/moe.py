@@ -88,8 +88,9 @@ class ExpertLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
         nn.init.trunc_normal_(self.weight, std=0.02)
 
-    def merged(self, gates: Tensor) -> tuple[Tensor, Tensor]:
-        """gates (U, E) -> one weight (U, out, in) and bias (U, out) per row of gates."""
+    def forward(self, gates: Tensor) -> tuple[Tensor, Tensor]:
+        """gates (U, E) -> one weight (U, out, in) and bias (U, out) per row of gates. A forward (not a plain
+        method) so that DeepSpeed ZeRO-3 gathers the experts' weights when it runs."""
         gates = gates.to(self.weight.dtype)
         return torch.einsum("ue,eoi->uoi", gates, self.weight), gates @ self.bias
 
@@ -113,8 +114,8 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         distinct, which = torch.unique(attributes.reshape(-1), return_inverse=True)
         gates = self.gate(distinct)
-        w1, b1 = self.fc1.merged(gates)
-        w2, b2 = self.fc2.merged(gates)
+        w1, b1 = self.fc1(gates)
+        w2, b2 = self.fc2(gates)
         # Group the tokens by attribute, one dense FFN per group, then put them back in place.
         order = torch.argsort(which, stable=True)
         groups = flat[order].split(torch.bincount(which, minlength=len(distinct)).tolist())

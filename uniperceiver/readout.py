@@ -28,13 +28,11 @@ class SimilarityReadout(nn.Module):
         self.proj = nn.Linear(width, embed_dim)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
         nn.init.zeros_(self.proj.bias)
-        self.log_max_scale = math.log(max_scale)
-        self.logit_scale = nn.ParameterDict(
-            {family: nn.Parameter(torch.tensor(math.log(init_scale))) for family in families})
+        self.logit_scale = FamilyScales(families, math.log(init_scale), math.log(max_scale))
 
     @property
     def families(self) -> tuple[str, ...]:
-        return tuple(self.logit_scale.keys())
+        return self.logit_scale.families
 
     def forward(self, hidden: Tensor) -> Tensor:
         """(..., width) decoder outputs -> (..., embed_dim) unit-norm embeddings."""
@@ -42,12 +40,43 @@ class SimilarityReadout(nn.Module):
 
     def scale(self, family: str) -> Tensor:
         """exp(log-scale) of a family, clamped at the maximum (the gradient stops there)."""
-        if family not in self.logit_scale:
-            raise KeyError(f"unknown task family {family!r}; this readout has {list(self.families)}")
-        return self.logit_scale[family].clamp(max=self.log_max_scale).exp()
+        return self.logit_scale(family)
 
     def similarity(self, a: Tensor, b: Tensor, family: str) -> Tensor:
         """Scaled cosine logits between embeddings a (..., N, D) and candidates b (M, D) or (..., M, D)
         -> (..., N, M). Inputs are re-normalised, so raw projections work too."""
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
         return self.scale(family) * a @ b.transpose(-1, -2)
+
+
+class FamilyScales(nn.Module):
+    """One learnable log-scale per task family, read by calling the module (`scales("vqa")`), so that DeepSpeed
+    ZeRO-3, which gathers a module's parameters when it is called, has them whole. `scales["vqa"]` is the raw
+    parameter. Each is a one-element vector, not a 0-d tensor: ZeRO moves parameters as byte views, which 0-d
+    tensors cannot give ("self.dim() cannot be 0 to view Float as Byte")."""
+
+    def __init__(self, families: tuple[str, ...], init: float, maximum: float):
+        super().__init__()
+        self.families = tuple(families)
+        self.log_max = maximum
+        for family in self.families:
+            self.register_parameter(family, nn.Parameter(torch.full((1,), init)))
+
+    def __getitem__(self, family: str) -> nn.Parameter:
+        if family not in self.families:
+            raise KeyError(f"unknown task family {family!r}; this readout has {list(self.families)}")
+        return getattr(self, family)
+
+    def __contains__(self, family: str) -> bool:
+        return family in self.families
+
+    def forward(self, family: str) -> Tensor:
+        return self[family].clamp(max=self.log_max).exp()[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Exports written when the scales were 0-d tensors: reshape them."""
+        for family in self.families:
+            key = prefix + family
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
