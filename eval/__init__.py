@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Suite:
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[Any, argparse.Namespace], dict]
+    run: Callable[[Any, argparse.Namespace, Any], Optional[dict]]
     format: Callable[[dict], str]
 
 

@@ -17,13 +17,16 @@ from . import get_suite, list_suites
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher puts --local_rank=N before the suite's name, torchrun sets LOCAL_RANK instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name in list_suites():
         suite = get_suite(name)
         sub = commands.add_parser(name, help=suite.help, description=suite.help)
         sub.add_argument("--model", required=True, help="a folder written by UniPerceiver.save_pretrained")
         sub.add_argument("--data", default=None, help="the dataset's root folder, in its official layout")
-        sub.add_argument("--limit", type=int, default=None, help="only the first N images (questions for vqav2)")
+        sub.add_argument("--limit", type=int, default=None, help="only N images: the first N (questions for vqav2), "
+                         "evenly spaced over the classes for imagenet")
         sub.add_argument("--batch-size", type=int, default=32)
         sub.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) // 2,
                          help="DataLoader processes decoding images (0: in the main process)")
@@ -31,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", default=None, help="write the results here as JSON")
         sub.add_argument("--compare", default=None, help="an earlier results JSON: print the differences")
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
-        sub.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
         suite.add_arguments(sub)
     return parser
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     results["world_size"] = world.world_size
     print(suite.format(results))
     if previous is not None:
+        if previous.get("suite") != results["suite"]:
+            print(f"\nnote: {args.compare} holds results of suite {previous.get('suite')!r}, not {results['suite']!r}")
         print(f"\ncompared with {args.compare}:\n")
         print(format_comparison(compare(results, previous), Path(args.compare).name))
     if args.out:

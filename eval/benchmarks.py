@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from . import Suite, register_suite
 from .distributed import EvalWorld
-from .encoding import encode_images, encode_texts, first, map_images
+from .encoding import encode_images, encode_texts, first, map_images, require_samples, spread
 from .metrics import mean_per_class_recall, mean_vqa_accuracy, retrieval_recall, topk_accuracy
 
 RECALL_KS = (1, 5, 10)
@@ -55,6 +56,7 @@ def evaluate_retrieval(model, dataset, world: EvalWorld, batch_size: int = 64, l
                        progress: bool = True, suite: str = "retrieval", workers: int = 0) -> dict[str, Any] | None:
     """Image<->text recall@1/5/10 over the first `limit` images of a captions dataset (all their captions).
     Rank 0 returns the results, other ranks None."""
+    require_samples(dataset, suite)
     indices = first(len(dataset), limit)
     texts, text_to_image = [], []
     for position, index in enumerate(indices):
@@ -83,25 +85,25 @@ def evaluate_captioning(model, dataset, world: EvalWorld, batch_size: int = 32, 
     evaluation. Rank 0 returns the results (with the predictions in COCO's results format), others None."""
     from .caption_metrics import coco_caption_scores
 
+    require_samples(dataset, suite)
     indices = first(len(dataset), limit)
-    start = time.perf_counter()
-
-    predictions = map_images(model, world, dataset, indices, lambda images, _: model.caption(images, beams=beams),
-                             batch_size, progress, "captions", workers)
-    if not world.is_main:
-        return None
-    samples = [dataset[i] for i in indices]
+    samples = [dataset[i] for i in indices]  # the annotations are checked before the long generation
     empty = [s.image_name for s in samples if not s.captions]
     if empty:
         raise ValueError(f"{suite}: {len(empty)} image(s) have no reference caption, e.g. {empty[0]}")
     ids = [s.image_id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{suite}: image ids repeat in the annotation file (e.g. {ids[0]!r}); each image once")
+    start = time.perf_counter()
+    predictions = map_images(model, world, dataset, indices, lambda images, _: model.caption(images, beams=beams),
+                             batch_size, progress, "captions", workers)
+    if not world.is_main:
+        return None
     kwargs = {} if metrics is None else {"metrics": tuple(metrics)}
     scores = coco_caption_scores(dict(zip(ids, predictions)), {s.image_id: list(s.captions) for s in samples},
                                  **kwargs)
     results = _results(suite, getattr(dataset, "split", None), getattr(dataset, "root", None),
-                       {"images": len(indices)}, {"limit": limit, "beams": beams,
+                       {"images": len(indices)}, {"limit": limit, "beams": beams, "format": dataset.format_name,
                                                   "tokenizer": "pycocoevalcap PTBTokenizer (Java)"})
     unavailable = scores.pop("unavailable", {}) or {}
     results["metrics"] = {f"caption/{name}": value for name, value in scores.items()}
@@ -154,10 +156,16 @@ def evaluate_vqa(model, dataset, world: EvalWorld, batch_size: int = 32, limit: 
     returned in the evaluation server's format ([{"question_id", "answer"}])."""
     if mode not in ("rank", "generate"):
         raise ValueError(f"vqav2: --mode must be rank or generate, got {mode!r}")
+    require_samples(dataset, "vqav2")
     source = None
     if mode == "rank" and answers is None:
         answers, source = default_vqa_answers(dataset)
     indices = first(len(dataset), limit)
+    if getattr(dataset, "has_answers", True):
+        few = [dataset[i].question_id for i in indices if len(dataset[i].answers or []) < 2]
+        if few:
+            raise ValueError(f"vqav2: {dataset.annotations_path}: question(s) {few[:5]} have fewer than 2 human "
+                             "answers; the official accuracy needs VQAv2's 10")
     start = time.perf_counter()
     answer_embeddings = None
     if mode == "rank":
@@ -181,10 +189,6 @@ def evaluate_vqa(model, dataset, world: EvalWorld, batch_size: int = 32, limit: 
                         "answer_source": source, "beams": beams if mode == "generate" else None})
     results["predictions"] = [{"question_id": s.question_id, "answer": p} for s, p in zip(samples, predictions)]
     if getattr(dataset, "has_answers", True):
-        missing = [s.question_id for s in samples if not s.answers or len(s.answers) < 2]
-        if missing:
-            raise ValueError(f"vqav2: {dataset.annotations_path}: question(s) {missing[:5]} have fewer than 2 "
-                             "human answers; the official accuracy needs VQAv2's 10")
         gt = [s.answers for s in samples]
         results["metrics"]["vqa/accuracy"] = mean_vqa_accuracy(predictions, gt)
         for kind in sorted({s.answer_type for s in samples if s.answer_type}):
@@ -222,7 +226,10 @@ def imagenet_names_for(dataset) -> list[str]:
     from tasks.classification import imagenet_class_names
 
     names = list(dataset.class_names)
-    if names == list(dataset.folders) and len(names) == 1000 and all(n.startswith("n") for n in names):
+    if names == list(dataset.folders) and all(re.fullmatch(r"n\d{8}", n) for n in names):
+        if len(names) != 1000:
+            raise ValueError(f"imagenet: {dataset.root} has {len(names)} WordNet-id folders, not ImageNet's 1000: "
+                             "give their readable names with --classnames FILE (or ROOT/<split>/classnames.txt)")
         return imagenet_class_names()
     return names
 
@@ -234,8 +241,9 @@ def evaluate_classification(model, dataset, world: EvalWorld, batch_size: int = 
     each class is the normalised mean of its normalised template embeddings. Rank 0 returns the results."""
     from tasks.classification import class_embeddings
 
+    require_samples(dataset, "imagenet")
     names = list(class_names or dataset.class_names)
-    indices = first(len(dataset), limit)
+    indices = spread(len(dataset), limit)  # the records are sorted by class
     start = time.perf_counter()
     images = encode_images(model, world, dataset, batch_size, progress, indices, workers)
     if not world.is_main:

@@ -30,7 +30,8 @@ class EvalWorld:
     def gather(self, count: int, local: Sequence[Any]) -> list[Any] | None:
         """Rank 0: the outputs of all ranks for items 0..count-1 in order (each rank gives the outputs of its
         `shard(count)`); other ranks: None. Tensors travel to CPU first."""
-        local = [item.cpu() if isinstance(item, torch.Tensor) else item for item in local]
+        # clone: a row of a batch is a view, and pickling a view sends the whole batch it points into
+        local = [item.detach().cpu().clone() if isinstance(item, torch.Tensor) else item for item in local]
         if self.world_size == 1:
             return list(local)
         parts: list[Any] = [None] * self.world_size if self.is_main else None

@@ -112,3 +112,21 @@ def first(count: int, limit: int | None) -> list[int]:
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     return list(range(count if limit is None else min(limit, count)))
+
+
+def spread(count: int, limit: int | None) -> list[int]:
+    """`limit` indices evenly spaced over range(count) (all when None): a fair `--limit` sample of a dataset
+    sorted by class, where the first N would cover only the first classes."""
+    if limit is None or limit >= count:
+        return first(count, limit)
+    first(count, limit)  # the same check of limit
+    return sorted({(i * count) // limit for i in range(limit)})
+
+
+def require_samples(dataset, suite: str) -> None:
+    """A clear error for a split with nothing in it (a wrong --split or --format), naming the annotation file."""
+    if len(dataset) == 0:
+        source = next((getattr(dataset, name) for name in ("annotation_path", "questions_path", "root")
+                       if getattr(dataset, name, None) is not None), "the dataset")
+        raise ValueError(f"suite {suite}: {source} has no samples in split {getattr(dataset, 'split', None)!r}; "
+                         "check --split (and --format for captions)")

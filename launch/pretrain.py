@@ -672,9 +672,11 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 # -------------------------------------------------------------------------------------------------- eval
-def zero_shot_evaluation(recipe: Recipe, export: Path, output: Path, progress: bool) -> dict[str, Any] | None:
-    """The built-in zero-shot evaluation (eval.shapes) of the exported model on the test split of the shapes data
-    the run trained on, printed as a table beside chance level and written to OUTPUT/eval_test.json."""
+def zero_shot_evaluation(recipe: Recipe, export: Path, output: Path, progress: bool,
+                         device: torch.device | None = None) -> dict[str, Any] | None:
+    """The built-in zero-shot evaluation (the `shapes` suite of `python -m eval`) of the exported model on the
+    test split of the shapes data the run trained on, printed as a table beside chance level and written to
+    OUTPUT/eval_test.json."""
     from urllib.parse import urlencode
 
     specs = [entry.dataset for entry in recipe.tasks if parse_spec(entry.dataset)[0] == "shapes"]
@@ -686,16 +688,13 @@ def zero_shot_evaluation(recipe: Recipe, export: Path, output: Path, progress: b
     except ImportError as error:
         print(f"zero-shot evaluation skipped: the evaluation suite (eval.shapes) is not available ({error})")
         return None
-    import inspect
-
     from uniperceiver import UniPerceiver
     _, folder, options = parse_spec(specs[0])
     options = {k: v for k, v in options.items() if k not in ("split", "task")}
     dataset = "shapes" + (f":{folder}" if folder else "") + (f"?{urlencode(options)}" if options else "")
-    model = UniPerceiver.from_pretrained(export)
-    kwargs = {"split": "test", "dataset": dataset, "batch_size": recipe.eval.batch_size, "progress": progress}
-    accepted = inspect.signature(evaluate_shapes).parameters
-    results = evaluate_shapes(model, **{k: v for k, v in kwargs.items() if k in accepted})
+    model = UniPerceiver.from_pretrained(export).to(device or "cpu")
+    results = evaluate_shapes(model, split="test", dataset=dataset, batch_size=recipe.eval.batch_size,
+                              progress=progress)
     counts = ", ".join(f"{v} {k}" for k, v in results.get("counts", {}).items())
     print(f"\nzero-shot evaluation, shapes [test]: {counts}\n\n{format_table(results)}")
     with open(output / "eval_test.json", "w") as f:
@@ -845,7 +844,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if runtime.is_main:
         summary["loss_curve"] = plot_losses(trainer.history, output / "loss_curve.png")
         if not args.no_eval:
-            summary["eval"] = zero_shot_evaluation(recipe, output / EXPORT, output, progress is not None)
+            summary["eval"] = zero_shot_evaluation(recipe, output / EXPORT, output, progress is not None,
+                                                   runtime.device)
     runtime.barrier()
     return summary
 

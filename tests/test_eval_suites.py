@@ -310,22 +310,86 @@ def test_compare_lists_every_metric_of_either_file(tmp_path):
 
 
 def test_torchrun_splits_the_images_across_two_ranks_and_matches_one_process(data, saved_model, tmp_path):
-    """Two gloo ranks on the CPU: each encodes half of the images and captions, rank 0 gathers them in order;
-    the metrics equal a single process's."""
+    """Two gloo ranks on the CPU, uneven shares (3 images, 5 questions): each rank encodes its share, rank 0
+    gathers them in order (VQA also broadcasts the answer embeddings); the metrics equal a single process's."""
     import os
     import subprocess
     import sys
 
     from eval.__main__ import main
 
-    args = ["coco_retrieval", "--model", str(saved_model), "--data", str(data["coco"]), "--no-progress",
-            "--device", "cpu", "--batch-size", "3"]
-    single = main(args + ["--out", str(tmp_path / "one.json")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           "2", "-m", "eval", *args, "--out", str(tmp_path / "two.json")],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert two["world_size"] == 2 and two["counts"] == single["counts"]
-    assert two["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
+    for suite, root, limit in (("coco_retrieval", "coco", "3"), ("vqav2", "vqa", "5")):
+        args = [suite, "--model", str(saved_model), "--data", str(data[root]), "--no-progress", "--device", "cpu",
+                "--batch-size", "2", "--limit", limit, "--workers", "0"]
+        single = main(args + ["--out", str(tmp_path / f"{suite}-one.json")])
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", "-m", "eval", *args, "--out", str(tmp_path / f"{suite}-two.json")],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        two = json.loads((tmp_path / f"{suite}-two.json").read_text())
+        assert two["world_size"] == 2 and two["counts"] == single["counts"]
+        assert two["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
+        if suite == "vqav2":
+            one_answers = json.loads((tmp_path / f"{suite}-one.predictions.json").read_text())
+            assert json.loads((tmp_path / f"{suite}-two.predictions.json").read_text()) == one_answers
+
+
+def test_errors_for_an_empty_split_malformed_files_and_unnamed_wordnet_folders(data, tmp_path):
+    from eval.benchmarks import _open, evaluate_retrieval, imagenet_names_for
+
+    dataset = _open("coco_karpathy", str(data["coco"]), "coco_retrieval", split="val")  # the fixture has no val
+    with pytest.raises(ValueError, match=r"dataset_coco.json has no samples in split 'val'; check --split"):
+        evaluate_retrieval(ColourOracle(), dataset, world(), progress=False, suite="coco_retrieval")
+    bad = tmp_path / "vqa"
+    bad.mkdir()
+    (bad / "v2_OpenEnded_mscoco_val2014_questions.json").write_text("[]")
+    (bad / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": []}))
+    with pytest.raises(ValueError, match=r"questions.json: expected \{\"questions\": \[...\]\}"):
+        _open("vqav2", str(bad), "vqav2", split="val")
+    (bad / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": []}))
+    (bad / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(
+        {"annotations": [{"question_id": 1, "answers": [{"text": "yes"}]}]}))
+    with pytest.raises(ValueError, match=r"annotations.json: annotation 0 .* list of \{'answer'"):
+        _open("vqav2", str(bad), "vqav2", split="val")
+    wnids = tmp_path / "wnids"
+    for k in range(2):
+        write_image(wnids / "val" / f"n0000000{k}" / "a.JPEG", NAMES[k])
+    with pytest.raises(ValueError, match="2 WordNet-id folders, not ImageNet's 1000: give .* --classnames"):
+        imagenet_names_for(_open("imagefolder", str(wnids), "imagenet", split="val"))
+
+
+def test_limit_spreads_over_the_classes_of_a_sorted_folder():
+    from eval.encoding import first, spread
+
+    assert spread(12, 4) == [0, 3, 6, 9] and spread(5, None) == [0, 1, 2, 3, 4] and spread(3, 10) == [0, 1, 2]
+    assert first(10, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="--limit must be >= 1"):
+        spread(10, 0)
+
+
+def test_gather_orders_uneven_shards_and_sends_compact_rows(monkeypatch):
+    """Three ranks, seven items: rank r holds items r, r+3, ...; rank 0 puts them back in order. Rows of a batch
+    are sent as copies, not as views that would pickle the whole batch."""
+    import pickle
+
+    from eval import distributed
+
+    shards = {r: distributed.EvalWorld(r, 3).shard(7) for r in range(3)}
+    assert shards == {0: [0, 3, 6], 1: [1, 4], 2: [2, 5]}
+
+    def gather_object(local, parts, dst):
+        parts[:] = [local] + [[f"item{i}" for i in shards[r]] for r in (1, 2)]
+
+    monkeypatch.setattr(distributed.dist, "gather_object", gather_object)
+    assert distributed.EvalWorld(0, 3).gather(7, ["item0", "item3", "item6"]) == [f"item{i}" for i in range(7)]
+    batch = torch.randn(64, 512)
+    rows = distributed.EvalWorld().gather(64, list(batch))
+    assert len(pickle.dumps(rows[0])) < 4 * 512 + 1000 and torch.equal(torch.stack(rows), batch)
+
+
+def test_the_deepspeed_launchers_local_rank_comes_before_the_suite():
+    from eval.__main__ import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "coco_retrieval", "--model", "m", "--data", "d"])
+    assert args.suite == "coco_retrieval" and args.local_rank == 1

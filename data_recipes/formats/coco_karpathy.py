@@ -36,10 +36,10 @@ class KarpathyCaptions(ImageDataset):
         wanted = SPLITS[split]
         self.records = [e for e in entries["images"] if isinstance(e, dict) and e.get("split") in wanted]
         broken = [i for i, e in enumerate(self.records) if "filename" not in e or not isinstance(
-            e.get("sentences", []), list)]
+            e.get("sentences", []), list) or not all(isinstance(x, dict) for x in e.get("sentences", []))]
         if broken:
             raise ValueError(f"{self.annotation_path}: {len(broken)} {split} image entries lack 'filename' or have "
-                             f"'sentences' that is not a list (the first is entry {broken[0]} of the split); "
+                             f"'sentences' that is not a list of objects (the first is entry {broken[0]} of the split); "
                              "expected Karpathy's {\"filename\", \"split\", \"sentences\": [{\"raw\"}]}")
 
     def _sample(self, entry: dict) -> Sample:

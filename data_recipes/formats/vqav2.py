@@ -31,7 +31,7 @@ class VQAv2(ImageDataset):
         questions_name = f"v2_OpenEnded_mscoco_{subtype}_questions.json"
         self.questions_path = find_first(
             [self.root / questions_name, self.root / "questions" / questions_name], "vqav2", self.layout)
-        questions = read_json(self.questions_path).get("questions")
+        questions = _field(read_json(self.questions_path), "questions")
         if not isinstance(questions, list):
             raise ValueError(f"{self.questions_path}: expected {{\"questions\": [...]}}")
         annotations = {}
@@ -40,14 +40,16 @@ class VQAv2(ImageDataset):
             name = f"v2_mscoco_{subtype}_annotations.json"
             self.annotations_path = find_first([self.root / name, self.root / "annotations" / name], "vqav2",
                                                self.layout)
-            entries = read_json(self.annotations_path).get("annotations")
+            entries = _field(read_json(self.annotations_path), "annotations")
             if not isinstance(entries, list):
                 raise ValueError(f"{self.annotations_path}: expected {{\"annotations\": [...]}}")
             broken = [i for i, a in enumerate(entries) if not isinstance(a, dict) or "question_id" not in a
-                      or not isinstance(a.get("answers"), list)]
+                      or not isinstance(a.get("answers"), list)
+                      or not all(isinstance(x, dict) and "answer" in x for x in a["answers"])]
             if broken:
                 raise ValueError(f"{self.annotations_path}: annotation {broken[0]} (of {len(broken)} such) lacks "
-                                 "'question_id' or an 'answers' list; expected the official VQAv2 annotations")
+                                 "'question_id' or a list of {'answer': ...} 'answers'; expected the official VQAv2 "
+                                 "annotations")
             annotations = {a["question_id"]: a for a in entries}
         broken = [i for i, q in enumerate(questions) if not isinstance(q, dict)
                   or not {"image_id", "question", "question_id"} <= set(q)]
@@ -69,3 +71,8 @@ class VQAv2(ImageDataset):
             sample.answer_type = annotation.get("answer_type")
             sample.question_type = annotation.get("question_type")
         return sample
+
+
+def _field(data, key: str):
+    """data[key] of an official VQAv2 file, or None when the file is not the expected object (the caller names it)."""
+    return data.get(key) if isinstance(data, dict) else None
