@@ -305,13 +305,34 @@ def _run_vqa(model, args, world):
 
 
 def _add_imagenet_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", default="val", help="the sub-folder of ROOT to read (default: val; '' for ROOT)")
+    parser.add_argument("--split", default="val", help="the sub-folder of ROOT to read (default: val; '' for ROOT). "
+                        "ROOT may also hold the official ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz: "
+                        "they are sorted into ROOT/val/<wnid>/ on first use")
     parser.add_argument("--classnames", default=None, help="class names file (.txt one per line in sorted-folder "
                         "order, or .json); default: ROOT/<split>/classnames.txt, or open_clip's ImageNet names")
     parser.add_argument("--templates", default="openai", help="openai (80), simple (7) or a file")
 
 
+def prepare_official_imagenet_val(root: str | Path) -> None:
+    """ImageNet's official release, ILSVRC2012_img_val.tar (50k images in one folder) and
+    ILSVRC2012_devkit_t12.tar.gz (their labels) in ROOT, sorted once into ROOT/val/<wnid>/ by torchvision's
+    `ImageNet`, which checks the archives' MD5 sums and reads the devkit's ground truth. Nothing to do when
+    ROOT/val exists already (the layout torchvision and timm leave) or ROOT holds no archive."""
+    root = Path(root)
+    if (root / "val").is_dir() or not (root / "ILSVRC2012_img_val.tar").is_file():
+        return
+    if not (root / "ILSVRC2012_devkit_t12.tar.gz").is_file():
+        raise FileNotFoundError(f"{root / 'ILSVRC2012_devkit_t12.tar.gz'}: no such file; the labels of "
+                                "ILSVRC2012_img_val.tar come from the official devkit archive, expected beside it")
+    from torchvision.datasets import ImageNet
+
+    ImageNet(str(root), split="val")
+
+
 def _run_imagenet(model, args, world):
+    if args.data and args.split == "val" and world.is_main:
+        prepare_official_imagenet_val(args.data)
+    world.barrier()
     dataset = _open("imagefolder", args.data, "imagenet", split=args.split or None, names=args.classnames)
     return evaluate_classification(model, dataset, world, args.batch_size, args.limit, not args.no_progress,
                                    resolve_templates(args.templates), imagenet_names_for(dataset),

@@ -44,6 +44,10 @@ class EvalWorld:
                 ordered[index] = item
         return ordered
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
         if self.world_size == 1:

@@ -140,7 +140,7 @@ def mean_per_class_recall(logits, labels) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- VQA
-# The official VQA evaluation's normalisation (GT-Vision-Lab/VQA vqaEval.py, as ported by LAVIS), table for
+# The official VQA evaluation's normalisation (GT-Vision-Lab/VQA vqaEval.py; LAVIS copies the same tables), table for
 # table. Its quirks are kept on purpose, since they define the published numbers: the contraction keys with
 # capitals never match (text is lower-cased first), "somebody'd" maps to "somebodyd", and `periodStrip`'s
 # "(?!<=\d)" is a look-ahead, not the look-behind it was meant to be.

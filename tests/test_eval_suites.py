@@ -393,3 +393,51 @@ def test_the_deepspeed_launchers_local_rank_comes_before_the_suite():
 
     args = build_parser().parse_args(["--local_rank=1", "coco_retrieval", "--model", "m", "--data", "d"])
     assert args.suite == "coco_retrieval" and args.local_rank == 1
+
+
+def test_imagenet_official_archives_are_sorted_by_the_devkit_labels(tmp_path, monkeypatch):
+    """ROOT with ILSVRC2012_img_val.tar (flat) and the devkit archive: torchvision sorts the images into
+    ROOT/val/<wnid>/ by the devkit's ground truth (its ILSVRC2012 ids are not in wnid order), once. The archives
+    here are small fakes, so their MD5 check is skipped."""
+    import io
+    import tarfile
+
+    import numpy as np
+    scipy_io = pytest.importorskip("scipy.io")
+    import torchvision.datasets.imagenet as tv_imagenet
+
+    from eval.benchmarks import evaluate_classification, prepare_official_imagenet_val
+
+    root, devkit = tmp_path / "imagenet", tmp_path / "ILSVRC2012_devkit_t12"
+    root.mkdir()
+    (devkit / "data").mkdir(parents=True)
+    fields = [(name, "O") for name in ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+                                       "wordnet_height", "num_train_images")]
+    synsets = np.array([(1, "n00000002", "red", "", 0, np.array([]), 0, 1),     # id 1 sorts second by wnid
+                        (2, "n00000001", "green", "", 0, np.array([]), 0, 1)], dtype=fields)
+    scipy_io.savemat(devkit / "data" / "meta.mat", {"synsets": synsets})
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n1\n2\n")
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as archive:
+        archive.add(devkit, arcname=devkit.name)
+    with pytest.raises(FileNotFoundError, match="ILSVRC2012_devkit_t12.tar.gz: no such file"):
+        other = tmp_path / "no-devkit"
+        other.mkdir()
+        (other / "ILSVRC2012_img_val.tar").write_bytes(b"")
+        prepare_official_imagenet_val(other)
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as archive:
+        for i, colour in enumerate(["red", "green", "red", "green"]):
+            image = io.BytesIO()
+            Image.new("RGB", (24, 24), COLOURS[colour]).save(image, "JPEG")
+            info = tarfile.TarInfo(f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+            info.size = len(image.getvalue())
+            archive.addfile(info, io.BytesIO(image.getvalue()))
+    monkeypatch.setattr(tv_imagenet, "_verify_archive", lambda *args, **kwargs: None)
+    prepare_official_imagenet_val(root)
+    assert sorted(p.name for p in (root / "val").iterdir()) == ["n00000001", "n00000002"]
+    prepare_official_imagenet_val(root)  # already sorted: nothing to do
+    names = tmp_path / "names.txt"
+    names.write_text("green\nred\n")
+    dataset = open_fixture(f"imagefolder:{root}?split=val&names={names}")
+    results = evaluate_classification(ColourOracle(), dataset, world(), progress=False)
+    assert results["counts"] == {"images": 4, "classes": 2}
+    assert results["metrics"]["classification/top1"] == 1.0
