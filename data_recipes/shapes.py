@@ -431,8 +431,10 @@ def build_shapes_dataset(folder: str | os.PathLike | None = None, config: Shapes
     _remove_abandoned_builds(folder)
     temporary = folder.parent / f"{TEMPORARY_PREFIX}{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        # A split of size 0 is left out: `datasets` saves an empty split without data files and then fails to
+        # load it back, while a missing split gets a clear "no split" error from the loaders.
         splits = {split: Dataset.from_dict(_generate_split(config, split), features=features(config))
-                  for split in SPLITS}
+                  for split in SPLITS if config.split_sizes()[split] > 0}
         quiet = not are_progress_bars_disabled()
         if quiet:  # a few seconds of work: no progress bars
             disable_progress_bars()

@@ -241,3 +241,16 @@ def test_crash_leftovers_and_stale_builds(tmp_path, cache):
     with pytest.raises(FileExistsError):
         build_shapes_dataset(folder, other)
 
+
+
+def test_an_empty_split_is_left_out_and_the_build_reloads(tmp_path):
+    """val_size=0: `datasets` cannot load an empty saved split back, so the build leaves it out, reloads, and a
+    loader asking for it gets a clear error."""
+    from data_recipes.formats import open_dataset
+
+    config = ShapesConfig(train_size=6, val_size=0, test_size=3)
+    first = build_shapes_dataset(tmp_path / "s", config)
+    again = build_shapes_dataset(tmp_path / "s", config)
+    assert sorted(first) == sorted(again) == ["test", "train"] and len(again["test"]) == 3
+    with pytest.raises(ValueError, match=r"no split 'val'; the dataset has \['test', 'train'\]"):
+        open_dataset(f"shapes:{tmp_path / 's'}?split=val&train_size=6&val_size=0&test_size=3")
