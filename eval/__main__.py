@@ -47,7 +47,9 @@ def load_model(folder: str, device: str | None = None):
         raise FileNotFoundError(f"--model {folder}: no such folder; expected a UniPerceiver.save_pretrained folder "
                                 "(e.g. runs/<name>/export)")
     if device is None:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # one GPU per rank under torchrun / deepspeed
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     return UniPerceiver.from_pretrained(folder).to(device).eval()
 
 

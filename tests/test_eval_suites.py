@@ -310,8 +310,9 @@ def test_compare_lists_every_metric_of_either_file(tmp_path):
 
 
 def test_torchrun_splits_the_images_across_two_ranks_and_matches_one_process(data, saved_model, tmp_path):
-    """Two gloo ranks on the CPU, uneven shares (3 images, 5 questions): each rank encodes its share, rank 0
-    gathers them in order (VQA also broadcasts the answer embeddings); the metrics equal a single process's."""
+    """Two gloo ranks on the CPU, uneven shares (3 images, 5 questions, 5 images of 6 classes): each rank encodes
+    its share (ImageNet: of the classes too), rank 0 gathers them in order (VQA also broadcasts the answer
+    embeddings); the metrics equal a single process's."""
     import os
     import subprocess
     import sys
@@ -319,7 +320,7 @@ def test_torchrun_splits_the_images_across_two_ranks_and_matches_one_process(dat
     from eval.__main__ import main
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    for suite, root, limit in (("coco_retrieval", "coco", "3"), ("vqav2", "vqa", "5")):
+    for suite, root, limit in (("coco_retrieval", "coco", "3"), ("vqav2", "vqa", "5"), ("imagenet", "imagenet", "5")):
         args = [suite, "--model", str(saved_model), "--data", str(data[root]), "--no-progress", "--device", "cpu",
                 "--batch-size", "2", "--limit", limit, "--workers", "0"]
         single = main(args + ["--out", str(tmp_path / f"{suite}-one.json")])
