@@ -351,8 +351,6 @@ def deepspeed_config(recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
     """Batches are formed by the task streams, so the engine's micro batch is nominal (1); gradient clipping by
     the engine under adamw, none under tbgn (it normalises the gradient itself)."""
     clip = recipe.optimizer.grad_clip if recipe.optimizer.name == "adamw" and recipe.optimizer.grad_clip else 0.0
-    if recipe.deepspeed.zero_stage == 0:  # the stage-0 engine's clipping fails on 0-dim parameters: train_step clips
-        clip = 0.0
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": recipe.deepspeed.gradient_accumulation_steps,
@@ -451,8 +449,6 @@ def train_step(trainer: Trainer) -> dict[str, Any]:
         if not finite:
             for group in trainer.optimizer.param_groups:
                 group["lr"] = 0.0
-        elif recipe.optimizer.grad_clip and not tbgn and trainer.engine.zero_optimization_stage() == 0:
-            nn.utils.clip_grad_norm_(trainer.model.parameters(), recipe.optimizer.grad_clip)  # grads are all-reduced
         trainer.engine.step()
     trainer.step += 1
     loss_value = sum(losses) / len(losses)
