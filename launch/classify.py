@@ -51,6 +51,7 @@ from internimage import create_model, list_models  # noqa: E402
 from internimage.model import HEAD_MODULES  # noqa: E402
 from internimage.transforms import build_eval_transform  # noqa: E402
 from checkpoint_io import atomic_save, atomic_write, rng_state, set_rng_state  # noqa: E402
+from runtime import Runtime  # noqa: E402
 
 CHECKPOINT_NAME = "checkpoint-last.pt"
 DEEPSPEED_DIR = "deepspeed"
@@ -450,31 +451,6 @@ def build_criterion(args, num_classes: int) -> tuple[nn.Module, Mixup | None]:
 
 
 # ------------------------------------------------------------------------------------------------- runtime
-@dataclass
-class Runtime:
-    """Where this process runs: its device and rank, and the DeepSpeed module when there is one."""
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    bf16: bool = False
-    deepspeed: Any = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            import torch.distributed as dist
-            dist.all_reduce(tensor)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-
 def setup_runtime(args) -> Runtime:
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     if use_cuda and not torch.cuda.is_available():

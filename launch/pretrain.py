@@ -50,6 +50,7 @@ from data_recipes.formats import open_dataset, parse_spec  # noqa: E402
 from data_recipes.recipe import Recipe, TaskRecipe, load_recipe  # noqa: E402
 from data_recipes.sampler import UnmixedTaskSampler, step_seed  # noqa: E402
 from checkpoint_io import atomic_write, fsync_dir, rng_state, set_rng_state  # noqa: E402
+from runtime import Runtime  # noqa: E402
 
 CHECKPOINTS, EXPORT, LATEST, STATE_FILE, ENGINE_TAG = "checkpoints", "export", "latest", "state.pt", "engine"
 CHECKPOINT_PREFIX, TEMPORARY_PREFIX = "step_", ".tmp-"
@@ -80,32 +81,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------- runtime
-@dataclass
-class Runtime:
-    """Where this process runs. `deepspeed` is the module when the engine drives the step, else None."""
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    bf16: bool = False
-    deepspeed: Any = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is True on some rank."""
-        if self.world_size == 1:
-            return flag
-        tensor = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return bool(tensor.item())
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,6 +1,5 @@
 """launch/classify.py: a tiny InternImage trains on a generated image folder, its checkpoint resumes exactly,
 its exported weights load back, and bad input gives clear errors."""
-import importlib.util
 import json
 import os
 import socket
@@ -16,21 +15,14 @@ from PIL import Image
 from internimage import create_model
 from internimage.checkpoint import load_checkpoint
 
-SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "classify.py"
+from launch_script import LAUNCH, load_launch_script
+
+SCRIPT = LAUNCH / "classify.py"
 TINY = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 
 
-def load_script():
-    """launch/ is a folder of scripts, not a package: import classify.py from its path."""
-    spec = importlib.util.spec_from_file_location("classify_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-classify = load_script()
+classify = load_launch_script("classify")
 
 
 def noisy_image(colour, rng: np.random.Generator, size: int = 32) -> Image.Image:

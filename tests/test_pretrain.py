@@ -1,7 +1,6 @@
 """launch/pretrain.py: a short multitask run on a small shapes dataset checkpoints, exports and logs; a resumed run
 repeats the uninterrupted one exactly; SIGTERM checkpoints and exits cleanly; override typos and non-finite losses
 give clear messages; DeepSpeed ZeRO-2 runs in one CPU process."""
-import importlib.util
 import json
 import math
 import os
@@ -14,20 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "pretrain.py"
+from launch_script import LAUNCH, load_launch_script
+
+SCRIPT = LAUNCH / "pretrain.py"
 SHAPES = "shapes?split=train&train_size=48&val_size=8&test_size=8"
 
-
-def load_script():
-    """launch/ is a folder of scripts, not a package: import pretrain.py from its path."""
-    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = load_script()
+pretrain = load_launch_script("pretrain")
 
 
 def small_overrides(steps: int = 6, **extra) -> list[str]:
