@@ -42,9 +42,7 @@ def _open(spec_format: str, root: str | None, suite: str, **options):
     if not root:
         raise ValueError(f"suite {suite}: give --data ROOT, the folder of the dataset's official release "
                          f"(see the README's evaluation section)")
-    spec = f"{spec_format}:{root}"
-    query = "&".join(f"{key}={value}" for key, value in options.items() if value is not None)
-    return open_dataset(spec + (f"?{query}" if query else ""))
+    return open_dataset(f"{spec_format}:{root}", **{key: value for key, value in options.items() if value is not None})
 
 
 def _results(suite: str, split: str, root: str | None, counts: dict, settings: dict) -> dict[str, Any]:

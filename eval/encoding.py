@@ -107,19 +107,23 @@ def encode_texts(model, world: EvalWorld, texts: Sequence[str], batch_size: int,
     return None if rows is None else torch.stack(rows)
 
 
-def first(count: int, limit: int | None) -> list[int]:
-    """The indices a `--limit` keeps: the first `limit` of `count` (all when None)."""
+def _check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+
+
+def first(count: int, limit: int | None) -> list[int]:
+    """The indices a `--limit` keeps: the first `limit` of `count` (all when None)."""
+    _check_limit(limit)
     return list(range(count if limit is None else min(limit, count)))
 
 
 def spread(count: int, limit: int | None) -> list[int]:
     """`limit` indices evenly spaced over range(count) (all when None): a fair `--limit` sample of a dataset
     sorted by class, where the first N would cover only the first classes."""
+    _check_limit(limit)
     if limit is None or limit >= count:
-        return first(count, limit)
-    first(count, limit)  # the same check of limit
+        return list(range(count))
     return sorted({(i * count) // limit for i in range(limit)})
 
 

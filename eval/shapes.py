@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import Suite, register_suite
+from .encoding import model_device, model_image_size
 from .metrics import (bleu, cider_d, exact_match_accuracy, mean_per_class_recall, ratio_to_chance,
                       retrieval_chance, retrieval_recall, topk_accuracy)
 
@@ -73,19 +74,6 @@ def resolve_shapes_data(split: str = "test", dataset: Any = None, config=None):
     return dataset, None, config
 
 
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def _image_size(model, images) -> int:
-    config = getattr(model, "config", None)
-    size = getattr(getattr(config, "image", None), "image_size", None)
-    return int(size) if size else max(images[0].size)
-
-
 def _batches(count: int, batch_size: int, progress: bool, description: str):
     from tqdm.auto import tqdm
 
@@ -97,7 +85,7 @@ def _images(model, rows, start: int, stop: int, device) -> Tensor:
     from tasks.base import stack_images
 
     images = rows[start:stop]["image"]
-    return stack_images(images, _image_size(model, images)).to(device)
+    return stack_images(images, model_image_size(model, default=max(images[0].size))).to(device)
 
 
 # ------------------------------------------------------------------------------------------------- the parts
@@ -214,7 +202,7 @@ def evaluate_shapes(model, split: str = "test", dataset: Any = None, limit: int 
     if len(rows) == 0:
         raise ValueError(f"evaluate_shapes: split {split!r} has no images to evaluate")
     names, answers = class_names(config), answer_list(config)
-    device = _device(model)
+    device = model_device(model)
     results: dict[str, Any] = {
         "suite": "shapes", "split": split, "counts": {"images": len(rows)},
         "settings": {"classification_templates": list(CLASSIFICATION_TEMPLATES), "class_names": names,

@@ -302,8 +302,9 @@ def build_optimizer(model: nn.Module, recipe: Recipe, runtime: Runtime) -> torch
                                  betas=opt.betas, eps=opt.eps)
     from tasks.tbgn import TBGNAdamW
     zero = runtime.deepspeed is not None and recipe.deepspeed.zero_stage > 0
-    groups = parameter_groups(model, opt.weight_decay, opt.encoder_lr_scale) if not zero else None
-    if zero:
+    if not zero:
+        groups = parameter_groups(model, opt.weight_decay, opt.encoder_lr_scale)
+    else:
         # Under ZeRO, DeepSpeed steps one parameter group at a time: TBGN needs ONE group to see the global norm
         # (see tasks/tbgn.py), so weight decay then applies to every tensor and all train at one rate.
         if opt.encoder_lr_scale != 1.0:
