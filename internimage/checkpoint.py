@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,12 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped from "model"/"state_dict"/"module" and without key
-    prefixes such as "module."."""
+    prefixes such as "module.".
+
+    A `.pth` that holds Python objects besides tensors (a pickled config, say) is refused unless
+    `allow_pickle=True`: unpickling it could run arbitrary code, so only do that for files you trust."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
@@ -47,26 +51,38 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({error})") from error
     else:
-        state = _torch_load(path)
+        state = _torch_load(path, allow_pickle)
     state = _unwrap(state, path)
     return _strip_prefixes(state)
 
 
-def _torch_load(path: Path):
+def _torch_load(path: Path, allow_pickle: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Unsupported global" not in str(error):
             raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint ({_first_line(error)})") from error
+        if not allow_pickle:
+            raise CheckpointError(_pickle_refusal(path, error)) from error
         # Training checkpoints of the release also pickle their config object; the tensors are what we want.
-        warnings.warn(f"checkpoint {path} holds Python objects besides tensors; loading it with full unpickling. "
-                      "Only load checkpoints you trust.", stacklevel=3)
+        warnings.warn(f"checkpoint {path} holds Python objects besides tensors; loading it with full unpickling "
+                      "(allow_pickle=True). Only load checkpoints you trust.", stacklevel=3)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as inner:  # anything a corrupt pickle can raise
             raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint ({_first_line(inner)})") from inner
     except Exception as error:  # torch.load raises many types on a file that is not a checkpoint
         raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint ({_first_line(error)})") from error
+
+
+def _pickle_refusal(path: Path, error: Exception) -> str:
+    """Why a file that needs full unpickling was not loaded, and how to load it anyway: unpickling runs
+    whatever code the file names, so it must be the caller's explicit choice."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    what = f" (such as {found.group(1)})" if found else ""
+    return (f"checkpoint {path} holds Python objects besides tensors{what}, so reading it needs full unpickling, "
+            "which could run arbitrary code. If you trust the file, pass allow_pickle=True (on the command line: "
+            "--allow-pickle); better, re-save its tensors as .safetensors.")
 
 
 def _first_line(error: Exception) -> str:
@@ -149,10 +165,12 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], source: s
     return report
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, assign: bool = False) -> LoadReport:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, assign: bool = False,
+                    allow_pickle: bool = False) -> LoadReport:
     """Loads an official (or our own) checkpoint into `model`. `assign=True` keeps the file's tensors
-    instead of copying them, which is how a model built on the meta device gets real weights."""
-    state = read_state_dict(path)
+    instead of copying them, which is how a model built on the meta device gets real weights.
+    `allow_pickle=True` also reads a `.pth` holding Python objects (see `read_state_dict`): trusted files only."""
+    state = read_state_dict(path, allow_pickle=allow_pickle)
     report = check_compatible(model, state, source=f"checkpoint {path}")
     if report.kept_initialised:
         warnings.warn(f"checkpoint {path} has no layer-scale weights for {len(report.kept_initialised)} keys "

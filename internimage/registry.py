@@ -53,8 +53,10 @@ def model_config(name: str, **overrides) -> dict[str, Any]:
     return {**_COMMON, **VARIANTS[name], **overrides}
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides) -> InternImage:
-    """Builds a registered variant; `pretrained` is a local checkpoint path (.pth or .safetensors).
+def create_model(name: str, pretrained: str | os.PathLike | None = None, allow_pickle: bool = False,
+                 **overrides) -> InternImage:
+    """Builds a registered variant; `pretrained` is a local checkpoint path (.pth or .safetensors), and
+    `allow_pickle=True` lets it be a `.pth` holding Python objects (trusted files only: see `read_state_dict`).
 
     Under `with torch.device("meta"):` the model is built without allocating memory, for counting
     parameters or for loading H and G with `load_checkpoint(..., assign=True)`.
@@ -62,7 +64,7 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **overr
     model = InternImage(**model_config(name, **overrides))
     if pretrained is not None:
         from .checkpoint import load_checkpoint
-        load_checkpoint(model, pretrained, assign=model_is_on_meta(model))
+        load_checkpoint(model, pretrained, assign=model_is_on_meta(model), allow_pickle=allow_pickle)
     return model
 
 

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,70 @@ def _build_cpu():
     raise KernelUnavailable("could not build the DCNv3 CPU kernel:\n" + "\n".join(errors))
 
 
+# TORCH_CUDA_ARCH_LIST's names, as torch.utils.cpp_extension expands them (combined names first).
+_NAMED_ARCHES = {"Kepler+Tesla": "3.7", "Kepler": "3.5+PTX", "Maxwell+Tegra": "5.3", "Maxwell": "5.0;5.2+PTX",
+                 "Pascal": "6.0;6.1+PTX", "Volta+Tegra": "7.2", "Volta": "7.0+PTX", "Turing": "7.5+PTX",
+                 "Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX",
+                 "Blackwell+Tegra": "11.0", "Blackwell": "10.0;10.3;12.0;12.1+PTX", "Rubin": "10.7+PTX"}
+_ARCH = re.compile(r"(\d+)\.(\d+)([a-z]?)(\+ptx)?", re.IGNORECASE)
+
+
+def _cuda_archs(capabilities, arch_list_env: str | None) -> list[tuple[str, bool]]:
+    """The architectures to compile for, as sorted (number, with_ptx) pairs such as ("90a", True).
+
+    TORCH_CUDA_ARCH_LIST wins when set (as in torch), else the visible GPUs' compute capabilities; one
+    list feeds both the build's name and its -gencode flags, so a cached build always matches its name."""
+    if arch_list_env and arch_list_env.strip().lower() != "native":
+        text = arch_list_env
+        for name, expansion in _NAMED_ARCHES.items():
+            text = text.replace(name, expansion)
+        tokens = [token for token in re.split(r"[;,\s]+", text) if token]
+    else:
+        tokens = [f"{major}.{minor}" for major, minor in capabilities]
+    archs: dict[tuple[int, int, str], bool] = {}
+    for token in tokens:
+        match = _ARCH.fullmatch(token)
+        if match is None:
+            raise KernelUnavailable(f"TORCH_CUDA_ARCH_LIST={arch_list_env!r}: cannot read {token!r}; expected "
+                                    "entries such as 8.0, 9.0a or 9.0+PTX separated by ';'")
+        key = (int(match.group(1)), int(match.group(2)), match.group(3).lower())
+        archs[key] = archs.get(key, False) or bool(match.group(4))
+    if not archs:
+        raise KernelUnavailable("no CUDA architecture to compile for: no visible GPU and TORCH_CUDA_ARCH_LIST unset")
+    return [(f"{major}{minor}{suffix}", ptx) for (major, minor, suffix), ptx in sorted(archs.items())]
+
+
+def _cuda_arch_tag(capabilities, arch_list_env: str | None, cuda_version: str | None) -> str:
+    """A short, filesystem- and identifier-safe tag such as "sm80_sm90ptx_cu130" for the build's name, so
+    torch's extension cache never hands a build for one GPU architecture (or CUDA release) to another."""
+    archs = "_".join(f"sm{number}{'ptx' if ptx else ''}" for number, ptx in _cuda_archs(capabilities, arch_list_env))
+    if len(archs) > 40:  # a long TORCH_CUDA_ARCH_LIST: first and last, and a digest of the whole
+        names = archs.split("_")
+        archs = f"{names[0]}_{names[-1]}_{hashlib.sha1(archs.encode()).hexdigest()[:8]}"
+    cuda = re.sub(r"\W", "", cuda_version or "") or "none"
+    return f"{archs}_cu{cuda}"
+
+
+def _gencode_flags(number: str, ptx: bool = False) -> list[str]:
+    """nvcc's flags for one architecture: its machine code, and its PTX too when asked (for newer GPUs)."""
+    flags = ["-gencode", f"arch=compute_{number},code=sm_{number}"]
+    if ptx:
+        flags += ["-gencode", f"arch=compute_{number},code=compute_{number}"]
+    return flags
+
+
+def _cuda_arch_flags(capabilities, arch_list_env: str | None) -> list[str]:
+    """The -gencode flags for the architectures `_cuda_arch_tag` names. Passing them ourselves stops torch
+    from choosing its own (it adds none once a flag mentions "arch")."""
+    return [flag for number, ptx in _cuda_archs(capabilities, arch_list_env) for flag in _gencode_flags(number, ptx)]
+
+
+def _visible_capabilities() -> list[tuple[int, int]]:
+    import torch
+
+    return [tuple(torch.cuda.get_device_capability(index)) for index in range(torch.cuda.device_count())]
+
+
 def _build_cuda():
     import torch
 
@@ -117,12 +182,14 @@ def _build_cuda():
         raise KernelUnavailable("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
     cpp_extension = _import_cpp_extension()
     cpp_extension.CUDA_HOME = cuda_home  # torch reads its guess once, at import time
+    capabilities, arch_list = _visible_capabilities(), os.environ.get("TORCH_CUDA_ARCH_LIST")
+    name = f"dcnv3_cuda_{_cuda_arch_tag(capabilities, arch_list, torch.version.cuda)}"
+    cuda_flags = ["-O3", "--expt-relaxed-constexpr", *_cuda_arch_flags(capabilities, arch_list)]
     try:
-        return cpp_extension.load(name="dcnv3_cuda", sources=[str(CUDA_SOURCE)],
-                                  extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
-                                  verbose=False)
+        return cpp_extension.load(name=name, sources=[str(CUDA_SOURCE)], extra_cflags=["-O3"],
+                                  extra_cuda_cflags=cuda_flags, verbose=False)
     except Exception as error:
-        raise KernelUnavailable(f"could not build the DCNv3 CUDA kernel: {error}") from error
+        raise KernelUnavailable(f"could not build the DCNv3 CUDA kernel {name}: {error}") from error
 
 
 _BUILDERS = {"cpu": _build_cpu, "cuda": _build_cuda}
@@ -189,7 +256,7 @@ def compile_cuda_object(output: str | Path, archs=("80", "90"), nvcc: str | None
                "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
     for arch in archs:
-        command += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        command += _gencode_flags(arch)
     for folder in includes:
         command += ["-I", folder]
     subprocess.run(command, check=True, capture_output=True, text=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -30,11 +31,22 @@ def caption_vocabulary(tokenizer, captions: Iterable[str]) -> list[int]:
 
 
 def caption_loss(logits: Tensor, word_indices: Tensor, lengths: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy of (B, L, V) logits against (B, L) targets over the real positions only."""
+    """Cross-entropy of (B, L, V) logits against (B, L) targets over the real positions only.
+
+    In distributed training every rank's loss is its sum over words divided by the mean word count per rank,
+    so that the gradients DeepSpeed (or DDP) averages over the ranks, and the losses averaged over them, are those
+    of the mean over every word of the global batch, as one process with the whole batch computes them (a
+    per-rank mean would weigh a rank's words by 1 / its own count)."""
     real = torch.arange(word_indices.shape[1], device=lengths.device) < lengths[:, None]
     targets = word_indices.masked_fill(~real.to(word_indices.device), -100)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
-                           label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                            label_smoothing=label_smoothing, reduction="sum")
+    count = real.sum().to(total.dtype)
+    if torch.is_grad_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return total / count.clamp(min=1)
 
 
 @register_task("captioning")

@@ -1,10 +1,6 @@
 """launch/classify.py: a tiny InternImage trains on a generated image folder, its checkpoint resumes exactly,
 its exported weights load back, and bad input gives clear errors."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +10,15 @@ from PIL import Image
 
 from internimage import create_model
 from internimage.checkpoint import load_checkpoint
+from launch import classification, classify
+from launch.training.checkpoints import RunFolderError
 
-from launch_script import LAUNCH, load_launch_script
+from pretrain_runs import run_ranks
 
-SCRIPT = LAUNCH / "classify.py"
+SCRIPT = Path(classify.__file__)
 TINY = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 
-
-classify = load_launch_script("classify")
 
 
 def noisy_image(colour, rng: np.random.Generator, size: int = 32) -> Image.Image:
@@ -57,6 +53,21 @@ def read_log(output: Path, event: str) -> list[dict]:
     return [line for line in lines if line["event"] == event]
 
 
+def latest(output: Path) -> Path:
+    checkpoints = output / "checkpoints"
+    return checkpoints / (checkpoints / "latest").read_text()
+
+
+def latest_state(output: Path) -> dict:
+    """The newest checkpoint: its model and optimizer (state.pt), position (client.json) and EMA (extra.pt)."""
+    folder = latest(output)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    state.update(json.loads((folder / "client.json").read_text()))
+    if (folder / "extra.pt").is_file():
+        state.update(torch.load(folder / "extra.pt", weights_only=True))
+    return state
+
+
 def tiny_model(num_classes: int = 3) -> torch.nn.Module:
     return create_model("internimage_t", num_classes=num_classes, dcn_backend="reference", **TINY).eval()
 
@@ -75,14 +86,14 @@ def test_training_lowers_loss_and_exports_loadable_weights(image_folder, tmp_pat
     # model.safetensors and the checkpoint's model hold the same weights; both load into a fresh model.
     images = torch.randn(2, 3, 32, 32)
     exported, checkpointed = tiny_model(), tiny_model()
-    load_checkpoint(exported, output / "model.safetensors")
-    checkpointed.load_state_dict(torch.load(output / "checkpoint-last.pt", weights_only=False)["model"])
+    load_checkpoint(exported, output / "export" / "model.safetensors")
+    checkpointed.load_state_dict(latest_state(output)["model"])
     with torch.no_grad():
         torch.testing.assert_close(exported(images), checkpointed(images), rtol=0, atol=0)
 
     # Evaluating the exported weights reproduces the run's final evaluation.
     again = classify.main(tiny_args(image_folder, tmp_path / "eval", "--eval-only", "--pretrained",
-                                    str(output / "model.safetensors")))
+                                    str(output / "export" / "model.safetensors")))
     assert again["eval"] == pytest.approx(result["eval"])
 
 
@@ -94,14 +105,13 @@ def test_resume_continues_exactly(image_folder, tmp_path):
     classify.main(tiny_args(image_folder, straight, *extra, "--max-steps", "6"))
     first = classify.main(tiny_args(image_folder, split, *extra, "--max-steps", "3"))
     assert first["step"] == 3
-    assert torch.load(split / "checkpoint-last.pt", weights_only=False)["step"] == 3
+    assert latest_state(split)["step"] == 3
     classify.main(tiny_args(image_folder, split, *extra, "--max-steps", "6", "--resume", "--workers", "2"))
 
     split_steps = read_log(split, "step")
     assert [line["step"] for line in split_steps] == [1, 2, 3, 4, 5, 6]
     assert [line["loss"] for line in split_steps] == [line["loss"] for line in read_log(straight, "step")]
-    a = torch.load(straight / "checkpoint-last.pt", weights_only=False)
-    b = torch.load(split / "checkpoint-last.pt", weights_only=False)
+    a, b = latest_state(straight), latest_state(split)
     assert (a["epoch"], a["batch_in_epoch"], a["step"]) == (b["epoch"], b["batch_in_epoch"], b["step"]) == (1, 2, 6)
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
@@ -109,26 +119,6 @@ def test_resume_continues_exactly(image_folder, tmp_path):
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(argv: list[str], world_size: int = 2) -> None:
-    """What the deepspeed launcher does on one machine: one process per rank, told its rank by the environment."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), *argv], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
 
 
 def test_deepspeed_zero3_on_two_cpu_ranks_resumes_and_exports(tmp_path):
@@ -139,12 +129,13 @@ def test_deepspeed_zero3_on_two_cpu_ranks_resumes_and_exports(tmp_path):
     output = tmp_path / "run"
     argv = tiny_args(data, output, "--deepspeed", "--zero-stage", "3", "--device", "cpu", "--batch-size", "4",
                      "--epochs", "1", "--mixup", "0", "--cutmix", "0")
-    run_ranks([*argv, "--max-steps", "3"])
-    run_ranks([*argv, "--resume"])
+    run_ranks([str(SCRIPT), *argv, "--max-steps", "3"], world_size=2)
+    run_ranks([str(SCRIPT), *argv, "--resume"], world_size=2)
     assert [line["step"] for line in read_log(output, "step")] == [1, 2, 3, 4, 5, 6]  # 48 images / 2 ranks / 4
     assert read_log(output, "epoch")[0]["eval"]["count"] == 9
-    assert sorted(p.name for p in (output / "deepspeed").iterdir() if p.is_dir()) == ["step00000006"]
-    report = load_checkpoint(tiny_model(), output / "model.safetensors")
+    assert sorted(p.name for p in (output / "checkpoints").iterdir() if p.is_dir()) == ["step_000003", "step_000006"]
+    assert (latest(output) / "engine").is_dir()
+    report = load_checkpoint(tiny_model(), output / "export" / "model.safetensors")
     assert len(report.loaded) == len(tiny_model().state_dict())
 
 
@@ -163,8 +154,7 @@ def test_hugging_face_dataset_on_disk(tmp_path):
     result = classify.main(tiny_args(tmp_path / "hf", tmp_path / "run", "--epochs", "1", "--mixup", "0",
                                      "--cutmix", "0"))
     assert result["step"] == 24 // 8 and result["eval"]["count"] == 6
-    checkpoint = torch.load(tmp_path / "run" / "checkpoint-last.pt", weights_only=False)
-    assert checkpoint["classes"] == names
+    assert latest_state(tmp_path / "run")["classes"] == names
 
     datasets.DatasetDict({"train": split(1)}).save_to_disk(str(tmp_path / "no_val"))
     with pytest.raises(ValueError, match=r"no_val: splits \['train'\]; expected train and one of validation/val/test"):
@@ -179,8 +169,8 @@ def test_bad_data_paths_name_the_path_and_what_was_expected(image_folder, tmp_pa
     (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"only_train: missing split folder\(s\) val/"):
         classify.main(tiny_args(tmp_path / "only_train", tmp_path / "run"))
-    with pytest.raises(FileNotFoundError, match=r"--resume .*checkpoint-last.pt: no such checkpoint"):
-        classify.main(tiny_args(image_folder, tmp_path / "fresh", "--resume"))
+    with pytest.raises(RunFolderError, match=r"--resume: no checkpoint in .*fresh.checkpoints to evaluate"):
+        classify.main(tiny_args(image_folder, tmp_path / "fresh", "--resume", "--eval-only"))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -208,7 +198,7 @@ def test_model_kwargs_accept_json_and_key_value():
 def test_layer_decay_and_weight_decay_groups():
     """BEiT-style depths: stem 0, blocks 1..5 in order, a level's norm/downsample with its last block, head 6."""
     model = tiny_model()
-    ids, head_id = classify.layer_ids(model)
+    ids, head_id = classification.layer_ids(model)
     assert head_id == 6
     assert ids["patch_embed.conv1.weight"] == 0
     assert [ids[f"levels.2.blocks.{j}.mlp.fc1.weight"] for j in (0, 1)] == [3, 4]
@@ -216,7 +206,7 @@ def test_layer_decay_and_weight_decay_groups():
     assert ids["levels.2.downsample.conv.weight"] == 4 and ids["levels.3.blocks.0.dcn.offset.weight"] == 5
     assert ids["head.weight"] == ids["conv_head.0.weight"] == 6
 
-    groups = classify.param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    groups = classification.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.5)
     by_param = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert len(by_param) == len(named)
@@ -236,10 +226,10 @@ def test_pretrained_weights_for_other_classes_get_a_fresh_head(tmp_path):
     save_file(source.state_dict(), str(tmp_path / "five.safetensors"))
     target = tiny_model(num_classes=3)
     head = target.head.weight.clone()
-    assert "new head for 3 classes" in classify.load_pretrained(target, str(tmp_path / "five.safetensors"))
+    assert "new head for 3 classes" in classification.load_pretrained(target, str(tmp_path / "five.safetensors"))
     assert torch.equal(target.levels[2].blocks[1].dcn.offset.weight, source.levels[2].blocks[1].dcn.offset.weight)
     assert torch.equal(target.head.weight, head)
 
     wider = create_model("internimage_t", num_classes=5, dcn_backend="reference", **{**TINY, "channels": 32})
     with pytest.raises(CheckpointError, match="shape mismatches"):  # another variant: still the loader's error
-        classify.load_pretrained(wider, str(tmp_path / "five.safetensors"))
+        classification.load_pretrained(wider, str(tmp_path / "five.safetensors"))

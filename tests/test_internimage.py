@@ -2,6 +2,7 @@
 against an independent functional statement of the release, checkpoint loading and the timm interface."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,15 +167,52 @@ def test_load_checkpoint_reads_every_layout(tmp_path, wrapping):
         torch.testing.assert_close(target(image), source(image), rtol=0, atol=0)
 
 
-def test_training_checkpoint_with_a_pickled_config_loads_with_a_warning(tmp_path):
+def _touch(path: str) -> str:
+    """Runs when a checkpoint holding a `_RunsOnUnpickling` is fully unpickled: the test sees whether it did."""
+    Path(path).touch()
+    return path
+
+
+class _RunsOnUnpickling:
+    """A pickled object that calls a function when loaded, as a malicious checkpoint would."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _touch, (self.marker,)
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_without_allow_pickle(tmp_path):
+    import argparse
+    source = randomize_(InternImage(**TINY))
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "ckpt_epoch_299.pth"
+    torch.save({"model": source.state_dict(), "config": argparse.Namespace(MODEL="internimage_t"),
+                "hook": _RunsOnUnpickling(marker), "epoch": 299}, path)
+    for load in (lambda: load_checkpoint(InternImage(**TINY), path), lambda: read_state_dict(path),
+                 lambda: create_model("internimage_t", pretrained=path, **TINY)):
+        with pytest.raises(CheckpointError) as error:
+            load()
+        message = str(error.value)
+        assert str(path) in message and "holds Python objects besides tensors" in message
+        assert "arbitrary code" in message and "allow_pickle=True" in message and "--allow-pickle" in message
+    assert not marker.exists(), "refusing the file must not unpickle it"
+
+
+def test_allow_pickle_loads_a_trusted_training_checkpoint_with_a_warning(tmp_path):
     import argparse
     source = randomize_(InternImage(**TINY))
     path = tmp_path / "ckpt_epoch_299.pth"
     torch.save({"model": source.state_dict(), "config": argparse.Namespace(MODEL="internimage_t"), "epoch": 299}, path)
     target = InternImage(**TINY)
     with pytest.warns(UserWarning, match="ckpt_epoch_299.pth holds Python objects besides tensors"):
-        load_checkpoint(target, path)
+        report = load_checkpoint(target, path, allow_pickle=True)
+    assert len(report.loaded) == len(source.state_dict())
     torch.testing.assert_close(target.head.weight, source.head.weight)
+    with pytest.warns(UserWarning, match="full unpickling"):
+        built = create_model("internimage_t", pretrained=path, allow_pickle=True, **TINY)
+    torch.testing.assert_close(built.head.weight, source.head.weight)
 
 
 def test_loading_another_variant_lists_missing_unexpected_and_mismatched_keys(tmp_path):

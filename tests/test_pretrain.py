@@ -13,38 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_script import LAUNCH, load_launch_script
+from launch import pretrain, pretraining
+from launch.training.checkpoints import RunFolder
+from launch.training.loop import TrainingStopped
+from launch.training.recipe import load_recipe
+from launch.training.runtime import Runtime
 
-SCRIPT = LAUNCH / "pretrain.py"
-SHAPES = "shapes?split=train&train_size=48&val_size=8&test_size=8"
+from pretrain_runs import model_state, read_log, small_overrides
 
-pretrain = load_launch_script("pretrain")
-
-
-def small_overrides(steps: int = 6, **extra) -> list[str]:
-    """The tiny recipe on 48 shapes images, batches of 8, the pure-PyTorch DCN (no kernel build), a checkpoint
-    every 3 steps."""
-    items = {"steps": steps, "optimizer.warmup_steps": 2, "checkpoint.every_steps": 3, "checkpoint.keep": 2,
-             "log_every": 2, "model.image.backbone_overrides.dcn_backend": "reference"}
-    for name in ("retrieval", "classification", "captioning", "vqa"):
-        items[f"tasks.{name}.dataset"] = SHAPES + ("&task=vqa" if name == "vqa" else "")
-        items[f"tasks.{name}.eval_dataset"] = None
-        items[f"tasks.{name}.batch_size"] = 8
-    items.update(extra)
-    return [f"{key}={'null' if value is None else value}" for key, value in items.items()]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """A fresh project cache: the small shapes dataset and the tiny text model are built there."""
-    folder = tmp_path_factory.mktemp("cache")
-    previous = os.environ.get("INTERN25_CACHE_DIR")
-    os.environ["INTERN25_CACHE_DIR"] = str(folder)
-    yield folder
-    if previous is None:
-        os.environ.pop("INTERN25_CACHE_DIR", None)
-    else:
-        os.environ["INTERN25_CACHE_DIR"] = previous
+SCRIPT = Path(pretrain.__file__)
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 def run(output: Path, *extra: str, steps: int = 6, overrides: dict | None = None) -> dict:
@@ -53,12 +31,7 @@ def run(output: Path, *extra: str, steps: int = 6, overrides: dict | None = None
 
 
 def step_lines(output: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-    return [line for line in lines if line["event"] == "step"]
-
-
-def model_state(output: Path, step: int) -> dict:
-    return torch.load(output / "checkpoints" / f"step_{step:06d}" / "state.pt", weights_only=False)["model"]
+    return read_log(output, "step")
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +143,7 @@ def test_nonfinite_losses_are_skipped_and_logged(tmp_path, monkeypatch):
 
 def test_repeated_nonfinite_losses_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
     _nan_losses(monkeypatch, None)
-    with pytest.raises(pretrain.TrainingStopped, match="3 consecutive steps had a non-finite loss"):
+    with pytest.raises(TrainingStopped, match="3 consecutive steps had a non-finite loss"):
         run(tmp_path / "nan-stop", overrides={"max_nonfinite_steps": 3})
 
 
@@ -193,10 +166,11 @@ def test_deepspeed_zero2_in_one_cpu_process_matches_the_plain_loop(straight_run,
 
 def test_encoders_train_at_the_scaled_learning_rate(tmp_path):
     """optimizer.encoder_lr_scale: the backbone and the language model step at lr * scale, the rest at lr."""
-    recipe = pretrain.load_recipe("tiny", small_overrides(2, **{"optimizer.encoder_lr_scale": 0.25}))
-    trainer = pretrain.build_trainer(recipe, pretrain.Runtime(torch.device("cpu")), tmp_path)
+    recipe = load_recipe("tiny", small_overrides(2, **{"optimizer.encoder_lr_scale": 0.25}))
+    runtime = Runtime(torch.device("cpu"))
+    trainer = pretraining.build_trainer(recipe, runtime, RunFolder(tmp_path, runtime, "pretrain"))
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    stats = pretrain.train_step(trainer)
+    stats = pretraining.train_step(trainer)
     encoder_ids = {id(p) for module in trainer.model.encoder_modules() for p in module.parameters()}
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     groups = trainer.optimizer.param_groups
@@ -212,11 +186,11 @@ def test_encoders_train_at_the_scaled_learning_rate(tmp_path):
 
 
 def test_encoder_lr_scale_with_tbgn_under_zero_is_refused():
-    recipe = pretrain.load_recipe("tiny", ["optimizer.name=tbgn", "optimizer.encoder_lr_scale=0.1",
-                                           "deepspeed.zero_stage=2"])
-    runtime = pretrain.Runtime(torch.device("cpu"), deepspeed=object())
+    recipe = load_recipe("tiny", ["optimizer.name=tbgn", "optimizer.encoder_lr_scale=0.1",
+                                  "deepspeed.zero_stage=2"])
+    runtime = Runtime(torch.device("cpu"), deepspeed=object())
     with pytest.raises(ValueError, match=r"optimizer.encoder_lr_scale=0.1: TBGN under ZeRO stage 2"):
-        pretrain.build_optimizer(torch.nn.Linear(2, 2), recipe, runtime)
+        pretraining.make_optimizer(torch.nn.Linear(2, 2), recipe, runtime)
 
 
 def test_the_tiny_recipe_learns_within_a_few_hundred_steps(tmp_path):

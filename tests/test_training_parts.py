@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from data_recipes.recipe import Recipe, load_recipe, resolve_recipe
+from launch.training.recipe import Recipe, load_recipe, resolve_recipe
 from data_recipes.sampler import UnmixedTaskSampler, step_seed
-from tasks.tbgn import TBGNAdamW
+from launch.training.tbgn import TBGNAdamW
 
 
 # ------------------------------------------------------------------------------------------------- sampler
@@ -204,9 +204,30 @@ def test_tbgn_errors_and_the_deepspeed_group_guard():
     zopt.set_task("a", 1.0)
     zopt.step()
     torch.testing.assert_close(zero.data, torch.tensor([0.99, -1.98], dtype=torch.float64))
-    zero.grad = torch.tensor([float("nan"), 0.0], dtype=torch.float64)
-    with pytest.raises(FloatingPointError, match="'a'"):
-        zopt.step()
+
+
+def test_tbgn_skips_a_step_with_a_non_finite_gradient_norm():
+    """A NaN/inf gradient norm is the training loop's skip path: no weight, moment or step count changes (it
+    used to raise FloatingPointError, which killed the run without a checkpoint)."""
+    param = _toy_param()
+    opt = TBGNAdamW([param], lr=0.1, weight_decay=0.1)
+    param.grad = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    opt.set_task("a", 1.0)
+    opt.step()
+    assert not opt.last_step_skipped
+    weights = param.detach().clone()
+    moments = {key: value.clone() for key, value in opt.state[param].items()}
+    for bad in (float("nan"), float("inf")):
+        param.grad = torch.tensor([bad, 0.0], dtype=torch.float64)
+        opt.set_task("a", 1.0)
+        opt.step()
+        assert opt.last_step_skipped and not math.isfinite(opt.last_grad_norm)
+        assert torch.equal(param.detach(), weights)
+        for key, value in moments.items():
+            assert torch.equal(opt.state[param][key], value), key
+    param.grad = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    opt.step()
+    assert not opt.last_step_skipped and int(opt.state[param]["step"]) == 2
 
 
 def test_tbgn_sum_reduction_all_reduces_the_squares(monkeypatch):
@@ -274,10 +295,27 @@ def test_overrides():
     assert recipe.model["max_caption_length"] == 30
     assert recipe.task("vqa").kwargs == {"mode": "rank", "label_smoothing": 0.2}
     assert recipe.output_dir == "/tmp/run"
-    warmup = recipe.optimizer.warmup_steps
-    assert recipe.optimizer.lr_at(0, 200) == pytest.approx(3e-4 / warmup)
-    assert recipe.optimizer.lr_at(warmup - 1, 200) == pytest.approx(3e-4)
-    assert recipe.optimizer.lr_at(199, 200) == pytest.approx(recipe.optimizer.min_lr)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor_and_honours_lr_scale():
+    """timm's cosine schedule as the engine uses it: step s runs at update s + 1, so the first step already
+    learns and the last ends at min_lr; each group's lr_scale multiplies its rate."""
+    from launch.training.schedule import build_scheduler, set_learning_rate
+
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "lr_scale": 1.0}, {"params": params[1:], "lr_scale": 0.1}])
+    lr, warmup, total, floor = 3e-4, 10, 200, 1e-6
+    scheduler = build_scheduler(optimizer, lr, total, warmup, 0.0, floor)
+    assert set_learning_rate(scheduler, 0) == pytest.approx(lr / warmup)
+    assert set_learning_rate(scheduler, warmup - 1) == pytest.approx(lr)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr, lr * 0.1])
+    middle = set_learning_rate(scheduler, warmup - 1 + (total - warmup) // 2)
+    assert middle == pytest.approx(floor + 0.5 * (lr - floor), rel=1e-3)
+    assert set_learning_rate(scheduler, total - 1) == pytest.approx(floor)
+    constant = build_scheduler(optimizer, lr, total, warmup, 0.0, floor, kind="constant")
+    assert set_learning_rate(constant, total - 1) == pytest.approx(lr)
+    with pytest.raises(ValueError, match="schedule: expected 'cosine' or 'constant'"):
+        build_scheduler(optimizer, lr, total, kind="linear")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -21,10 +21,12 @@ from .decoder import Modality
 @dataclass
 class ImageEncoderConfig:
     """backbone: a registered InternImage variant; backbone_overrides: constructor overrides (e.g. a tiny
-    width for CPU runs); checkpoint: an official or our own checkpoint to start from."""
+    width for CPU runs); checkpoint: an official or our own checkpoint to start from; allow_pickle: let that
+    checkpoint be a `.pth` holding Python objects, whose unpickling could run code (trusted files only)."""
     backbone: str = "internimage_t"
     backbone_overrides: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    allow_pickle: bool = False
     num_global_tokens: int = 4
     pool_heads: int = 4
     image_size: int = 224
@@ -68,7 +70,7 @@ class ImageEncoder(nn.Module):
         self.config = config
         self.backbone = create_model(config.backbone, features_only=True, **config.backbone_overrides)
         if config.checkpoint:
-            load_checkpoint(self.backbone, config.checkpoint)
+            load_checkpoint(self.backbone, config.checkpoint, allow_pickle=config.allow_pickle)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         channels = self.backbone.feature_info[-1]["num_chs"]

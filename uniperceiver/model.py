@@ -176,6 +176,16 @@ class UniPerceiver(nn.Module):
         attributes = decoder_attributes(self.decoder, kinds, role)
         return self.decoder(tokens, kinds, valid=valid, attributes=attributes).hidden_states[:, 0]
 
+    def forward(self, task, batch: dict) -> Tensor:
+        """`task.loss(self, batch)`: the training loss as one call of the module, so that wrappers acting around
+        a module's forward (DeepSpeed's engine counting ZeRO micro-steps, DDP) see every step.
+
+        Every family's temperature joins the loss with weight 0, so those the task does not use get a zero
+        gradient rather than none: under DeepSpeed ZeRO-3 a parameter that got no gradient in a step was
+        updated from an earlier step's (the idle VQA temperature moved against the plain loop's)."""
+        loss = task.loss(self, batch)
+        return loss + 0.0 * torch.stack([self.readout.scale(family) for family in self.readout.families]).sum()
+
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) normalised images -> (B, embed_dim) embeddings (unit norm)."""
         tokens, kinds = self.image_tokens(images)
@@ -299,6 +309,7 @@ class UniPerceiver(nn.Module):
         config = self.config.to_dict()
         config["text"]["name_or_path"] = TEXT_FOLDER  # relative: the folder can move
         config["image"]["checkpoint"] = None          # the weights are in model.safetensors
+        config["image"]["allow_pickle"] = False       # an opt-in for that file, not for the next one
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         save_model(self, str(folder / WEIGHTS_FILE))
         return folder

@@ -54,6 +54,9 @@ class TBGNAdamW(torch.optim.Optimizer):
     when it sees fewer groups than it was built with. Pass `grad_norm=` to `set_task` to supply a norm
     computed elsewhere instead. DeepSpeed's `gradient_clipping` must be off (0): normalisation replaces it.
 
+    A non-finite global norm skips the step: nothing changes and `last_step_skipped` is True, so the training
+    loop can count it as a skipped step instead of the run dying.
+
     Parameters without a gradient (None) are skipped, as AdamW skips them: their moments do not decay and
     their step count does not advance. DeepSpeed hands zero gradients for idle parameters instead, which do
     decay the moments; give unused branches a zero-weighted loss term when the two must agree.
@@ -82,6 +85,7 @@ class TBGNAdamW(torch.optim.Optimizer):
         self.weight: float | None = None
         self._given_norm: float | None = None
         self.last_grad_norm: float | None = None  # the norm the last step divided by, for logging
+        self.last_step_skipped = False  # the last step found a non-finite norm and changed nothing
 
     def set_task(self, task: str | int, sampling_ratio: float, weight: float = 1.0,
                  grad_norm: float | Tensor | None = None) -> None:
@@ -129,9 +133,10 @@ class TBGNAdamW(torch.optim.Optimizer):
                 "parameter group, or pass grad_norm= to set_task")
         norm = self._given_norm if self._given_norm is not None else float(self.global_grad_norm())
         self._given_norm = None  # a given norm is for one step only
-        if not math.isfinite(norm):
-            raise FloatingPointError(f"TBGNAdamW: the gradient norm of task {self.task!r} is {norm}")
         self.last_grad_norm = norm
+        self.last_step_skipped = not math.isfinite(norm)
+        if self.last_step_skipped:  # the training loop's skip path: no weight, moment or step count moves
+            return loss
         # g = scale * grad; a zero gradient stays zero (the moments just decay)
         scale = self.weight / norm if norm > 0 else 0.0
         s = self.sampling_ratio

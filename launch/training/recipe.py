@@ -3,13 +3,14 @@ the optimizer, DeepSpeed, checkpoints and evaluation; `key=value` overrides chan
 
     recipe = load_recipe("tiny", ["optimizer.lr=3e-4", "tasks.captioning.ratio=0.5", "steps=200"])
 
-A recipe is a built-in name (`launch/recipes/<name>.yaml`) or a path. Every key is checked: an unknown key, in
+A recipe is a built-in name (`launch/recipes/<name>.yaml`, shipped inside the package) or a path. Every key is checked: an unknown key, in
 the file or in an override, is an error naming its full dotted path and the keys valid there. Overrides address
 a task by its name (`tasks.<name>.<field>`); values are parsed as YAML (`3e-4`, `true`, `[0.9, 0.95]`, `null`).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import os
 import re
@@ -19,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence, Union
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "launch" / "recipes"
+
+def recipes_dir() -> Path:
+    """The built-in recipes, package data of `launch` (found the same way in a checkout and in an installed
+    wheel)."""
+    return Path(str(importlib.resources.files("launch") / "recipes"))
 
 
 # ----------------------------------------------------------------------------------------------- the schema
@@ -30,7 +35,9 @@ class TaskRecipe:
     `data_recipes.formats.open_dataset` ("shapes?split=train", "coco_karpathy:/data/coco?split=train");
     `ratio` its sampling weight (normalised over the tasks); `batch_size` per rank; `loss_weight` the TBGN
     weight ω (a plain loss multiplier under adamw); `kwargs` go to the task's constructor; `eval_dataset` a SPEC
-    to evaluate on (None: the task is not evaluated)."""
+    to evaluate on (None: the task is not evaluated); `augment` the training augmentation, a list of
+    torchvision.transforms.v2 transforms by name with their keywords ([{ColorJitter: {brightness: 0.3}}, ...],
+    see `launch.training.augment`), applied to each training picture before the task's preprocessing."""
     name: str
     dataset: str
     task: Union[str, None] = None
@@ -39,6 +46,7 @@ class TaskRecipe:
     loss_weight: float = 1.0
     kwargs: dict = field(default_factory=dict)
     eval_dataset: Union[str, None] = None
+    augment: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.task is None:
@@ -47,11 +55,12 @@ class TaskRecipe:
 
 @dataclass
 class OptimizerConfig:
-    """adamw: torch AdamW with grad-norm clipping at `grad_clip` (None: off). tbgn: `tasks.tbgn.TBGNAdamW`,
+    """adamw: torch AdamW with grad-norm clipping at `grad_clip` (None: off). tbgn: `launch.training.tbgn.TBGNAdamW`,
     which normalises every gradient itself, so `grad_clip` is not applied. The learning rate warms up linearly
     over `warmup_steps`, then follows `schedule` ("cosine" down to `min_lr` at the last step, or "constant").
     `encoder_lr_scale` multiplies the learning rate of the image backbone and the language model (the parts an
-    official checkpoint usually supplies); the decoder, projections and readout train at `lr`."""
+    official checkpoint usually supplies); the decoder, projections and readout train at `lr`. The schedule is
+    `launch.training.schedule.build_scheduler`."""
     name: Literal["adamw", "tbgn"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -62,16 +71,6 @@ class OptimizerConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: Union[float, None] = 1.0
     encoder_lr_scale: float = 1.0
-
-    def lr_at(self, step: int, total_steps: int) -> float:
-        """The learning rate of optimizer step `step` (0-based) of `total_steps`."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return self.lr
-        span = max(1, total_steps - 1 - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -114,6 +113,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log_every: int = 10
+    workers: int = 0   # DataLoader processes per task stream that decode (and augment) the pictures
     max_nonfinite_steps: int = 5  # stop the run after this many consecutive steps with a NaN/inf loss
     output_dir: Union[str, None] = None
 
@@ -150,7 +150,7 @@ class Recipe:
 
     def sampler(self):
         """The run's `UnmixedTaskSampler` (seeded with the recipe's seed)."""
-        from .sampler import UnmixedTaskSampler
+        from data_recipes.sampler import UnmixedTaskSampler
         return UnmixedTaskSampler(self.task_names, [task.ratio for task in self.tasks], self.seed)
 
     def model_config(self):
@@ -181,6 +181,7 @@ class Recipe:
 
         check(self.steps > 0, "steps", "a positive number of optimizer steps", self.steps)
         check(self.log_every > 0, "log_every", "> 0", self.log_every)
+        check(self.workers >= 0, "workers", ">= 0 (0: decode in the training process)", self.workers)
         check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", ">= 1", self.max_nonfinite_steps)
         check(bool(self.tasks), "tasks", "at least one task", self.tasks)
         names = self.task_names
@@ -193,6 +194,10 @@ class Recipe:
             check(math.isfinite(task.loss_weight) and task.loss_weight >= 0, f"{key}.loss_weight",
                   "a finite number >= 0", task.loss_weight)
             check(bool(task.dataset), f"{key}.dataset", "a dataset SPEC such as 'shapes?split=train'", task.dataset)
+            if task.augment:
+                from .augment import augment_problem
+                problem = augment_problem(task.augment, task.task)
+                check(problem is None, f"{key}.augment", problem or "", task.augment)
         if self.tasks and all(math.isfinite(t.ratio) and t.ratio >= 0 for t in self.tasks):
             check(sum(t.ratio for t in self.tasks) > 0, "tasks.*.ratio", "at least one positive ratio",
                   [t.ratio for t in self.tasks])
@@ -223,7 +228,8 @@ class Recipe:
 
 # ------------------------------------------------------------------------------------------ loading
 def builtin_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    folder = recipes_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
 def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
@@ -231,11 +237,11 @@ def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    builtin = recipes_dir() / f"{name_or_path}.yaml"
     if os.sep not in str(name_or_path) and builtin.is_file():
         return builtin
     raise FileNotFoundError(f"recipe {str(name_or_path)!r}: no such file, and no built-in recipe of that name; "
-                            f"built-in recipes: {builtin_recipes()} (in {RECIPES_DIR})")
+                            f"built-in recipes: {builtin_recipes()} (in {recipes_dir()})")
 
 
 def load_recipe(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
@@ -341,7 +347,7 @@ def _describe(kind: Any) -> str:
         return "null"
     if isinstance(kind, type) and not dataclasses.is_dataclass(kind):
         return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-                "dict": "a mapping"}.get(kind.__name__, kind.__name__)
+                "dict": "a mapping", "list": "a list"}.get(kind.__name__, kind.__name__)
     if dataclasses.is_dataclass(kind):
         return f"a mapping ({kind.__name__})"
     origin, args = _origin(kind), typing.get_args(kind)
@@ -417,6 +423,10 @@ def _convert_or_mismatch(value: Any, kind: Any, key: str, source: str) -> Any:
         return tuple(_convert(item, arg, f"{key}[{i}]", source) for i, (item, arg) in enumerate(zip(value, args)))
     if kind is dict or origin is dict:
         if not isinstance(value, dict):
+            raise _Mismatch
+        return value
+    if kind is list:  # a free-form list (augment): checked by its consumer
+        if not isinstance(value, list):
             raise _Mismatch
         return value
     if kind is bool:
