@@ -416,9 +416,7 @@ def build_trainer(args, runtime: Runtime, splits: Splits, train_set: Dataset | N
     seed_everything(derive_seed(args.seed, WEIGHTS))  # the same initial weights on every rank
     model = build_model(args, num_classes)
     if args.pretrained:
-        message = load_pretrained(model, args.pretrained, args.allow_pickle)
-        if runtime.is_main:
-            print(message)
+        runtime.print(load_pretrained(model, args.pretrained, args.allow_pickle))
     model.to(runtime.device)
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
     seed_everything(derive_seed(args.seed, RANK, runtime.rank))  # but each rank its own drop-path and mixup draws
@@ -538,8 +536,7 @@ def fit(trainer: Trainer, args, train_set: SeededSamples, val_loader: DataLoader
                 log.write({"event": "nonfinite", "epoch": trainer.epoch, "step": trainer.step,
                            "what": outcome.skipped, "loss": str(outcome.loss),
                            "consecutive": trainer.guard.consecutive})
-                if trainer.runtime.is_main:
-                    print(message)
+                trainer.runtime.print(message)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", refresh=False)
             if args.log_every_steps and trainer.step % args.log_every_steps == 0:
                 log.write({"event": "step", "epoch": trainer.epoch, "step": trainer.step, **stats,

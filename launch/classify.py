@@ -121,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         output.mkdir(parents=True, exist_ok=True)
     else:
         checkpoint = folder.prepare(args.resume, args.overwrite)
-        if args.resume and checkpoint is None and runtime.is_main:
-            print(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0")
+        if args.resume and checkpoint is None:
+            runtime.print(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0")
     log = RunLog(output, runtime.is_main, tensorboard=False)
     splits = job.open_splits(args.data, job.build_train_transform(args), build_eval_transform(args.img_size),
                              need_train=not args.eval_only)
@@ -137,8 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log.write({"event": "eval", "step": trainer.step, **metrics})
     else:
         metrics = job.fit(trainer, args, train_set, val_loader, splits.classes, log)
-    if runtime.is_main:
-        print(json.dumps({"step": trainer.step, **metrics}))
+    runtime.print(json.dumps({"step": trainer.step, **metrics}))
     return {"step": trainer.step, "epoch": trainer.epoch, **metrics}
 
 

@@ -67,13 +67,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if client is not None:
         job.check_same_recipe(client["recipe"], recipe, checkpoint)
     elif args.resume:
-        job.print_main(runtime, f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0")
+        runtime.print(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0")
     if runtime.is_main:  # only once the folder and the recipe passed their checks
         atomic_text(output / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     trainer = job.build_trainer(recipe, runtime, folder)
     if client is not None:
         job.resume(trainer, checkpoint, client)
-        job.print_main(runtime, f"resumed from {checkpoint} at step {trainer.step}")
+        runtime.print(f"resumed from {checkpoint} at step {trainer.step}")
     if runtime.is_main and args.resume:
         truncate_log(output / "log.jsonl", trainer.step)
     log = RunLog(output, runtime.is_main, purge_step=trainer.step or None)
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log.close()
     result["skipped_images"] = skipped
     if any(sum(counts.values()) for counts in skipped.values()):
-        job.print_main(runtime, "skipped images (missing, unreadable) per task: " + ", ".join(
+        runtime.print("skipped images (missing, unreadable) per task: " + ", ".join(
             f"{name}: {counts.get('missing', 0)}, {counts.get('unreadable', 0)}" for name, counts in skipped.items()))
     if "stopped" in result:
         return result

@@ -17,7 +17,7 @@ from data_recipes.sampler import UnmixedTaskSampler
 
 from .training.augment import build_augmentation
 from .training.checkpoints import RunFolder, differences
-from .training.data import TaskStream, unwrap_dataset
+from .training.data import TaskStream, sample_for_task, unwrap_dataset
 from .training.loop import NonfiniteGuard, StepRunner
 from .training.optim import build_optimizer, parameter_groups
 from .training.recipe import Recipe, TaskRecipe
@@ -146,16 +146,11 @@ def encoder_lr_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     scale = recipe.optimizer.encoder_lr_scale
     encoder = set()
     if scale != 1.0:
-        encoder = {name for name, _ in model.named_parameters()
-                   if any(name.startswith(prefix) for prefix in _encoder_prefixes(model))}
+        encoder_ids = {id(p) for module in model.encoder_modules() for p in module.parameters()}
+        encoder = {name for name, p in model.named_parameters() if id(p) in encoder_ids}
     return parameter_groups(model.named_parameters(), recipe.optimizer.weight_decay,
                             lr_scale=lambda name: scale if name in encoder else 1.0,
                             group_key=lambda name: "encoder" if name in encoder else "decoder")
-
-
-def _encoder_prefixes(model: nn.Module) -> list[str]:
-    modules = {id(m) for m in model.encoder_modules()}
-    return [f"{name}." for name, module in model.named_modules() if id(module) in modules]
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe, runtime: Runtime) -> torch.optim.Optimizer:
@@ -271,8 +266,6 @@ def train_step(trainer: Trainer) -> dict[str, Any]:
 def evaluate_losses(trainer: Trainer) -> dict[str, float]:
     """The mean loss of every task that has an eval_dataset, on its first eval.max_samples samples (the same
     number of batches on every rank: under ZeRO-3 a forward pass is a collective)."""
-    from .training.data import sample_for_task
-
     recipe, runtime, model = trainer.recipe, trainer.runtime, trainer.model
     results = {}
     was_training = model.training
@@ -386,15 +379,6 @@ def resume(trainer: Trainer, checkpoint: Path, client: dict[str, Any]) -> None:
     trainer.folder.restore_rng()
 
 
-def print_main(runtime: Runtime, *args, **kwargs) -> None:
-    if runtime.is_main:
-        print(*args, **kwargs)
-
-
-def nonfinite_note(runtime: Runtime, message: str) -> None:
-    print_main(runtime, message, file=sys.stderr)
-
-
 # --------------------------------------------------------------------------------------------------- the loop
 def fit(trainer: Trainer, log, stop, progress, stop_after: int | None, resumed_at: int | None) -> dict[str, Any]:
     """Trains to recipe.steps: logs every step, evaluates every eval.every_steps, checkpoints every
@@ -413,7 +397,7 @@ def fit(trainer: Trainer, log, stop, progress, stop_after: int | None, resumed_a
         if message:
             log.write({"event": "nonfinite", "step": stats["step"], "task": stats["task"], "what": outcome.skipped,
                        "loss": str(stats["loss"]), "consecutive": trainer.guard.consecutive})
-            nonfinite_note(runtime, message)
+            runtime.print(message, file=sys.stderr)
         else:
             log.scalars(stats["step"], {f"loss/{stats['task']}": stats["loss"], "lr": stats["lr"]})
         if progress is not None:
@@ -438,7 +422,7 @@ def fit(trainer: Trainer, log, stop, progress, stop_after: int | None, resumed_a
         if stopping:
             reason = (f"--stop-after {stop_after}" if not signalled else stop.name or "another rank's signal")
             log.write({"event": "stopped", "step": trainer.step, "signal": reason})
-            print_main(runtime, f"\n{reason}: checkpointed at step {trainer.step}; continue with --resume")
+            runtime.print(f"\n{reason}: checkpointed at step {trainer.step}; continue with --resume")
             return {"step": trainer.step, "stopped": reason, "history": trainer.history}
     if last_saved != trainer.step:  # a resumed run that was already finished
         save(trainer)

@@ -115,6 +115,7 @@ class RunFolder:
     def __init__(self, output: str | os.PathLike, runtime: Runtime, launcher: str, keep: int = 2):
         self.output, self.runtime, self.launcher, self.keep = Path(output), runtime, launcher, keep
         self.run_id: str | None = None
+        self._rng: dict[str, Any] | None = None  # the random state `load` read, set by `restore_rng`
 
     # ------------------------------------------------------------------------------------------ the folder
     def holds_a_run(self) -> list[str]:
@@ -153,9 +154,10 @@ class RunFolder:
             entries = []
         found = latest_checkpoint(self.output) if resume else None
         run_file = self.output / RUN_FILE
+        written = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
         if found is not None:
             client = read_client(found)
-            recorded = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else client["run_id"]
+            recorded = written or client["run_id"]
             if client["run_id"] != recorded:
                 raise RunFolderError(f"--resume: {found} belongs to run {client['run_id']}, but {self.output} is run "
                                      f"{recorded}; the checkpoint is not this run's")
@@ -163,12 +165,12 @@ class RunFolder:
                 raise RunFolderError(f"--resume: {found} was written by launch/{client.get('launcher')}.py, not "
                                      f"launch/{self.launcher}.py")
             self.run_id = recorded
-        elif resume and run_file.is_file():  # a run that stopped before its first checkpoint
-            self.run_id = json.loads(run_file.read_text())["run_id"]
+        elif resume and written:  # a run that stopped before its first checkpoint
+            self.run_id = written
         else:
             self.run_id = uuid.uuid4().hex[:16]
         self.output.mkdir(parents=True, exist_ok=True)
-        if not run_file.is_file() or json.loads(run_file.read_text())["run_id"] != self.run_id:
+        if written != self.run_id:
             atomic_json(run_file, {"run_id": self.run_id, "launcher": self.launcher,
                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return str(found) if found is not None else None
@@ -179,8 +181,9 @@ class RunFolder:
              extra: dict[str, Any] | None = None) -> Path:
         """Writes checkpoint `step` on every rank: `client` (plain data: the launcher's position and recipe),
         the model and optimizer (through the engine under DeepSpeed), every rank's random state and rank 0's
-        `extra` tensors (extra.pt: an EMA, say); then rank 0 calls `export(folder, engine_dir)` to write export/, renames the checkpoint into place, points `latest`
-        at it, refreshes OUTPUT/export and removes the oldest beyond `keep`."""
+        `extra` tensors (extra.pt: an EMA, say); then rank 0 calls `export(folder, engine_dir)` to write export/,
+        renames the checkpoint into place, points `latest` at it, refreshes OUTPUT/export and removes the oldest
+        beyond `keep`."""
         runtime, folder = self.runtime, self.output / CHECKPOINTS
         name = f"{CHECKPOINT_PREFIX}{step:06d}"
         final, tmp = folder / name, folder / f"{TEMPORARY_PREFIX}{name}"
@@ -251,5 +254,5 @@ class RunFolder:
         return client
 
     def restore_rng(self) -> None:
-        if getattr(self, "_rng", None) is not None:
+        if self._rng is not None:
             set_rng_state(self._rng)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .seeding import DATA_ORDER, SAMPLE, derive_seed, local_seed
+from .seeding import DATA_ORDER, SAMPLE, derive_seed, epoch_permutation, local_seed
 
 
 def unwrap_dataset(dataset):
@@ -73,8 +73,7 @@ class ResumableBatches(Sampler):
         self.per_rank = length // world_size
 
     def order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, DATA_ORDER, epoch))
-        return torch.randperm(self.length, generator=generator).tolist()[self.rank::self.world_size]
+        return epoch_permutation(self.seed, epoch, self.length)[self.rank::self.world_size]
 
     def __iter__(self):
         epoch, position, order = self.epoch, self.position, None

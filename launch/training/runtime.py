@@ -28,6 +28,11 @@ class Runtime:
         """Where small tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
+    def print(self, *args, **kwargs) -> None:
+        """print() on rank 0 only, so a message appears once however many ranks run."""
+        if self.is_main:
+            print(*args, **kwargs)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

@@ -20,6 +20,12 @@ def derive_seed(*key: int) -> int:
     return int(state[0]) << 31 ^ int(state[1])
 
 
+def epoch_permutation(seed: int, epoch: int, length: int) -> list[int]:
+    """The order of `length` items in epoch `epoch` of the stream seeded `seed`, the same on every rank."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, DATA_ORDER, epoch))
+    return torch.randperm(length, generator=generator).tolist()
+
+
 def seed_everything(seed: int) -> None:
     """Seeds Python's, NumPy's and torch's global generators (CPU and every GPU) from `seed`."""
     random.seed(seed)

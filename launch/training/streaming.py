@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data import sample_for_task, unwrap_dataset
-from .seeding import DATA_ORDER, SAMPLE, derive_seed, local_seed
+from .seeding import DATA_ORDER, SAMPLE, derive_seed, epoch_permutation, local_seed
 
 logger = logging.getLogger("launch.training")
 
@@ -90,8 +90,7 @@ class ShardReaders:
         self.shards = list(self.inner.shards)
 
     def shards_of(self, reader: int, epoch: int) -> list[str]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, DATA_ORDER, epoch))
-        order = torch.randperm(len(self.shards), generator=generator).tolist()
+        order = epoch_permutation(self.seed, epoch, len(self.shards))
         return [self.shards[i] for i in order[reader::self.readers]]
 
     def positions(self, reader: int, cursor: list[int]) -> Iterator[tuple[int, int, int, dict]]:
