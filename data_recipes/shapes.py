@@ -1,4 +1,4 @@
-"""The built-in synthetic dataset "shapes": small images of one to four coloured shapes on noisy backgrounds,
+"""The built-in synthetic dataset "shapes": small images of one to four coloured shapes on varied backgrounds,
 each with captions, question-answer pairs, a class label and COCO boxes. It is deterministic from a seed and
 is generated on first use (a few seconds) into the project cache as a Hugging Face dataset on disk.
 
@@ -6,9 +6,13 @@ is generated on first use (a few seconds) into the project cache as a Hugging Fa
     data = build_shapes_dataset()              # DatasetDict: train 2000 / val 200 / test 200 images, 64 x 64
     data["train"][0]["captions"][0]            # 'a red circle and two blue stars' (the training target)
 
-The world is made to be learnt by a tiny model at low resolution:
+The world is made to be learnt by a tiny model at low resolution, and not by one renderer: how a picture looks
+(background, shades, outlines, noise, blur, JPEG) is drawn at random from a wide family, `style="random"`; a
+separate family that training never sees, `style="shifted"`, measures what carries over (`shapes_styles`).
 - shapes never overlap (boxes keep a gap), so every shape is whole and every box is tight and unoccluded;
 - a scene of several shapes has exactly one large shape, the others are small; a lone shape is either size;
+  sides vary continuously within each size class, shapes other than circles may be slightly stretched and
+  turned (at most 15 degrees: a square never becomes a diamond), and each has its own shade of its colour;
 - `label` is the colour of the largest shape (`ShapesConfig.label="shape"`: its shape); `class_names(config)`;
 - captions name the shapes left to right, identical ones grouped ("two green triangles"); the first caption is
   the bare description, the others put it in `text_corpus.CAPTION_TEMPLATES` ("a photo of ...");
@@ -25,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -36,24 +39,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from .shapes_styles import POLYGONS, STYLES, Look, render, sample_look, shade  # noqa: F401 (POLYGONS re-exported)
 from .text_corpus import (CAPTION_TEMPLATES, COLOURS, COUNT_WORDS, MAX_SHAPES, PLURALS, QUESTIONS, RELATIONS,
                           SHAPES, YES_NO, count_phrase, describe, join_phrases)
 
 # Bump when a change here changes the data: cached builds are keyed by it (and by the config).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 # Hexagons are left out by default: at 64 pixels a small one is hard to tell from a circle.
 DEFAULT_SHAPES = ("circle", "square", "triangle", "star", "diamond")
 LABEL_KINDS = ("colour", "shape")
 QA_TYPES = ("colour", "shape", "count", "position", "yes_no")
-# Well separated, saturated RGB colours; each object is drawn with a small random shift of its colour.
-PALETTE = {"red": (220, 40, 40), "green": (50, 185, 60), "blue": (45, 85, 235), "yellow": (240, 225, 50),
-           "purple": (155, 60, 210), "orange": (250, 140, 30)}
-# The side of an object's square box, as a fraction of the image side (14 and 23 pixels at 64).
-SIZES = {"small": 0.22, "large": 0.36}
+# The side of an object's box as a fraction of the image side: drawn from these ranges (11-16 and 19-27 pixels
+# at 64); the classes keep apart, so that the largest shape of a scene is always clearly the largest.
+SIZES = {"small": (0.17, 0.25), "large": (0.30, 0.42)}
+MAX_STRETCH = 0.15   # a box's height is its width times 1 +- this (circles stay round)
+MAX_TURN = 15.0      # degrees an object may be rotated by (half of them are)
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
 CONFIG_FILE = "shapes_config.json"  # written last into a built folder: it marks the build as complete
 CACHE_ENV = "INTERN25_CACHE_DIR"
@@ -80,8 +83,7 @@ class ShapesConfig:
     colours: tuple[str, ...] = COLOURS
     shapes: tuple[str, ...] = DEFAULT_SHAPES
     label: str = "colour"          # the class of an image: the "colour" or the "shape" of its largest shape
-    noise: float = 8.0             # standard deviation of the per-pixel Gaussian noise, in 0-255 units
-    colour_jitter: int = 16        # an object's colour is its palette colour shifted by up to this per channel
+    style: str = "random"          # the family of looks: "random" (training) or "shifted" (held out)
     duplicate_prob: float = 0.25   # chance that a further shape repeats one already there ("two red stars")
 
     def __post_init__(self):
@@ -101,8 +103,10 @@ class ShapesConfig:
             problems.append("split sizes must be >= 0")
         if self.label not in LABEL_KINDS:
             problems.append(f"label {self.label!r}: expected one of {LABEL_KINDS}")
-        if self.noise < 0 or not 0 <= self.colour_jitter <= 64 or not 0 <= self.duplicate_prob <= 1:
-            problems.append("noise >= 0, colour_jitter in [0, 64] and duplicate_prob in [0, 1] expected")
+        if self.style not in STYLES:
+            problems.append(f"style {self.style!r}: expected one of {STYLES}")
+        if not 0 <= self.duplicate_prob <= 1:
+            problems.append(f"duplicate_prob {self.duplicate_prob}: expected a value in [0, 1]")
         if problems:
             raise ValueError("ShapesConfig: " + "; ".join(problems))
 
@@ -122,7 +126,9 @@ class ShapeObject:
     size: str                        # "small" or "large"
     box: tuple[int, int, int, int]   # x, y, w, h in pixels of the scene's image (COCO's bbox)
     category: int                    # index of `shape` in the config's shapes: the COCO category id
-    rgb: tuple[int, int, int]        # the colour it is drawn with
+    rgb: tuple[int, int, int]        # the shade it is drawn with
+    rotation: float = 0.0            # degrees, turned inside its box (the box stays tight)
+    outline: tuple[int, int, int] | None = None  # the colour of a rim inside the shape, if it has one
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -134,19 +140,25 @@ class ShapeObject:
 class Scene:
     objects: tuple[ShapeObject, ...]  # left to right (by box centre)
     image_size: int
-    background: tuple[int, int, int]
-    noise: float
-    noise_seed: int = field(repr=False)
+    look: Look = field(repr=False)
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        """The background's first colour."""
+        return self.look.colours[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scenes
 
-def sample_scene(rng: random.Random, config: ShapesConfig | None = None) -> Scene:
+def sample_scene(rng: random.Random, config: ShapesConfig | None = None,
+                 look_rng: random.Random | None = None) -> Scene:
     """One to `config.max_shapes` non-overlapping shapes: one large (or a lone one of either size), the others
     small, at random positions; colours and shapes uniform, a further shape repeats an earlier one with
-    probability `duplicate_prob`."""
+    probability `duplicate_prob`; each with its own shade, stretch and turn. Then a look of `config.style`,
+    drawn from `look_rng` (default: `rng`): with a generator of its own, every style draws the same scenes."""
     config = config or ShapesConfig()
+    look_rng = look_rng or rng
     count = rng.randint(1, config.max_shapes)
     sizes = ["large"] + ["small"] * (count - 1) if count > 1 else [rng.choice(("small", "large"))]
     kinds: list[tuple[str, str]] = []
@@ -155,81 +167,47 @@ def sample_scene(rng: random.Random, config: ShapesConfig | None = None) -> Scen
             kinds.append(rng.choice(kinds))
         else:
             kinds.append((rng.choice(config.colours), rng.choice(config.shapes)))
-    boxes = _place(rng, [max(4, round(SIZES[size] * config.image_size)) for size in sizes], config.image_size)
+    extents = []
+    for (_, shape), size in zip(kinds, sizes):
+        width = max(4, round(rng.uniform(*SIZES[size]) * config.image_size))
+        stretch = 1.0 if shape == "circle" else rng.uniform(1 - MAX_STRETCH, 1 + MAX_STRETCH)
+        extents.append((width, max(4, round(width * stretch))))
+    boxes = _place(rng, extents, config.image_size)
     objects = []
+    outlined = config.style == "random" and look_rng.random() < 0.15
     for (colour, shape), size, box in zip(kinds, sizes, boxes):
-        rgb = tuple(min(255, max(0, c + rng.randint(-config.colour_jitter, config.colour_jitter)))
-                    for c in PALETTE[colour])
-        objects.append(ShapeObject(colour, shape, size, box, config.shapes.index(shape), rgb))
+        rgb = shade(rng, colour)
+        turn = rng.uniform(-MAX_TURN, MAX_TURN) if shape != "circle" and rng.random() < 0.5 else 0.0
+        outline = tuple(int(c * 0.55) for c in rgb) if outlined else None
+        objects.append(ShapeObject(colour, shape, size, box, config.shapes.index(shape), rgb, turn, outline))
     objects.sort(key=lambda o: (o.centre, o.box))
-    grey = rng.randint(30, 100)
-    background = tuple(grey + rng.randint(-12, 12) for _ in range(3))
-    return Scene(tuple(objects), config.image_size, background, float(config.noise), rng.getrandbits(64))
+    look = sample_look(look_rng, config.style, [o.rgb for o in objects])
+    return Scene(tuple(objects), config.image_size, look)
 
 
-def _place(rng: random.Random, sides: list[int], image_size: int) -> list[tuple[int, int, int, int]]:
-    """Square boxes of the given sides, inside the image and `gap` pixels apart from one another."""
-    margin, gap = max(1, image_size // 32), max(2, image_size // 16)
+def _place(rng: random.Random, extents: list[tuple[int, int]], image_size: int) -> list[tuple[int, int, int, int]]:
+    """Boxes of the given (width, height), inside the image and `gap` pixels apart from one another."""
+    margin, gap = 1, max(2, image_size // 16)
     while True:  # a failed layout (rare: four shapes fill at most a third of the image) starts again
         boxes: list[tuple[int, int, int, int]] = []
-        for side in sides:
+        for w, h in extents:
             for _ in range(100):
-                x = rng.randint(margin, image_size - margin - side)
-                y = rng.randint(margin, image_size - margin - side)
-                if all(x + side + gap <= bx or bx + bw + gap <= x or y + side + gap <= by or by + bh + gap <= y
+                x = rng.randint(margin, image_size - margin - w)
+                y = rng.randint(margin, image_size - margin - h)
+                if all(x + w + gap <= bx or bx + bw + gap <= x or y + h + gap <= by or by + bh + gap <= y
                        for bx, by, bw, bh in boxes):
-                    boxes.append((x, y, side, side))
+                    boxes.append((x, y, w, h))
                     break
             else:
                 break
-        if len(boxes) == len(sides):
+        if len(boxes) == len(extents):
             return boxes
 
 
-def _star(points: int = 5, inner: float = 0.5) -> list[tuple[float, float]]:
-    """A star's corners, alternately on the unit circle and on a circle of radius `inner`, a point up."""
-    return [((1.0 if i % 2 == 0 else inner) * math.cos(math.pi * i / points - math.pi / 2),
-             (1.0 if i % 2 == 0 else inner) * math.sin(math.pi * i / points - math.pi / 2))
-            for i in range(2 * points)]
-
-
-def _normalise(polygon: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
-    """The polygon stretched to fill the unit square exactly, so that its box is tight."""
-    xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
-    return tuple(((x - min(xs)) / (max(xs) - min(xs)), (y - min(ys)) / (max(ys) - min(ys))) for x, y in polygon)
-
-
-# Outlines in the unit square (circles are drawn as ellipses).
-POLYGONS = {
-    "square": ((0, 0), (1, 0), (1, 1), (0, 1)),
-    "triangle": ((0.5, 0), (1, 1), (0, 1)),
-    "diamond": ((0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)),
-    "star": _normalise(_star()),
-    "hexagon": ((0, 0.5), (0.25, 0), (0.75, 0), (1, 0.5), (0.75, 1), (0.25, 1)),
-}
-
-
 def render_scene(scene: Scene, image_size: int | None = None) -> Image.Image:
-    """The RGB image of a scene, at `image_size` (default: the scene's own; boxes scale with it). Deterministic:
-    the noise comes from the scene's seed."""
-    size = image_size or scene.image_size
-    scale = SUPERSAMPLE * size / scene.image_size
-    canvas = Image.new("RGB", (SUPERSAMPLE * size,) * 2, scene.background)
-    draw = ImageDraw.Draw(canvas)
-    for obj in scene.objects:
-        x, y, w, h = (v * scale for v in obj.box)
-        # Pixel-inclusive outlines: a box of w pixels covers columns x .. x + w - 1.
-        w, h = w - 1, h - 1
-        if obj.shape == "circle":
-            draw.ellipse((x, y, x + w, y + h), fill=obj.rgb)
-        else:
-            draw.polygon([(x + u * w, y + v * h) for u, v in POLYGONS[obj.shape]], fill=obj.rgb)
-    image = canvas.resize((size, size), Image.Resampling.BOX)
-    if scene.noise > 0:
-        noise = np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise, (size, size, 3))
-        pixels = np.clip(np.rint(np.asarray(image, dtype=np.float64) + noise), 0, 255).astype(np.uint8)
-        image = Image.fromarray(pixels, "RGB")
-    return image
+    """The RGB image of a scene, at `image_size` (default: the scene's own; boxes scale with it), drawn by its
+    look's style family (`shapes_styles.render`). Deterministic: noise and texture come from the look's seed."""
+    return render(scene, image_size or scene.image_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,23 +315,36 @@ def caption_corpus(dataset, with_qa: bool = False) -> list[str]:
     return texts
 
 
-def blind_vqa_accuracy(train, test) -> float:
-    """The VQA accuracy on `test` of a model that never looks at the image: it gives each question the answer
-    `train` gives it most often (its type's most frequent answer if `train` never asks it). About 0.3 on the
-    default dataset against 1/22 for a uniform guess: the baseline a VQA score should be compared with."""
+def blind_vqa_answers(train, test) -> list[str]:
+    """The answers of a model that never looks at the image, for every question of `test` in order: the answer
+    `train` gives the same question most often (its type's most frequent answer if `train` never asks it)."""
     by_question: dict[str, Counter] = {}
     by_type: dict[str, Counter] = {}
     for questions, answers, types in zip(train["questions"], train["answers"], train["qa_types"]):
         for question, answer, qa_type in zip(questions, answers, types):
             by_question.setdefault(question, Counter())[answer] += 1
             by_type.setdefault(qa_type, Counter())[answer] += 1
-    hits = total = 0
-    for questions, answers, types in zip(test["questions"], test["answers"], test["qa_types"]):
-        for question, answer, qa_type in zip(questions, answers, types):
-            prior = by_question.get(question) or by_type.get(qa_type) or Counter({"": 1})
-            hits += prior.most_common(1)[0][0] == answer
-            total += 1
-    return hits / max(total, 1)
+    return [(by_question.get(question) or by_type.get(qa_type) or Counter({"": 1})).most_common(1)[0][0]
+            for questions, types in zip(test["questions"], test["qa_types"])
+            for question, qa_type in zip(questions, types)]
+
+
+def blind_vqa_accuracies(train, test) -> dict[str, float]:
+    """The accuracy of `blind_vqa_answers` on `test`, overall ("all") and per question type: the question-only
+    baseline that each VQA score should be read against (a yes/no question is right half the time blind)."""
+    targets = [(answer, qa_type) for answers, types in zip(test["answers"], test["qa_types"])
+               for answer, qa_type in zip(answers, types)]
+    hits: dict[str, list[int]] = {}
+    for guess, (answer, qa_type) in zip(blind_vqa_answers(train, test), targets):
+        for key in ("all", qa_type):
+            hits.setdefault(key, []).append(guess == answer)
+    return {key: sum(values) / len(values) for key, values in hits.items()} if targets else {"all": 0.0}
+
+
+def blind_vqa_accuracy(train, test) -> float:
+    """`blind_vqa_accuracies(train, test)["all"]`: about 0.3 on the default dataset against 1/22 for a uniform
+    guess."""
+    return blind_vqa_accuracies(train, test)["all"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,10 +369,12 @@ def features(config: ShapesConfig | None = None):
 
 
 def generate_example(config: ShapesConfig, split: str, index: int) -> tuple[Scene, Image.Image, dict[str, Any]]:
-    """Scene, image and annotations of one example. Each example has its own generator, seeded by (seed, split,
-    index): an example does not depend on the split sizes."""
-    rng = random.Random(f"shapes/{config.seed}/{split}/{index}")
-    scene = sample_scene(rng, config)
+    """Scene, image and annotations of one example. Each example has its own generators, seeded by (seed, split,
+    index): an example does not depend on the split sizes. The look has a generator of its own, so that the
+    styles draw the same scenes with the same words, in other pictures."""
+    name = f"shapes/{config.seed}/{split}/{index}"
+    rng = random.Random(name)
+    scene = sample_scene(rng, config, look_rng=random.Random(f"{name}/look"))
     return scene, render_scene(scene), scene_annotations(scene, rng, config)
 
 

@@ -13,7 +13,8 @@ What is measured (every task ranks candidates by cosine similarity, as the model
   classification task's default, which the tiny recipe trains with); top-1 and mean per-class recall.
 - vqa: the [image, question] query ranked against the whole `answer_list(config)`; exact-match accuracy
   (shapes has one answer per question) overall and per question type, chance 1/len(answer list), and the
-  blind baseline (`blind_vqa_accuracy`: the train split's most frequent answer to the same question).
+  blind baseline overall and per type (`blind_vqa_accuracies`: the train split's most frequent answer to the
+  same question).
 - captioning: greedy (or beam) captions against all of the image's captions, CIDEr-D and BLEU-4 by
   pycocoevalcap on Python-tokenised text (no Java). Their "chance" is the score of a real caption of another
   image (the references rolled by one): what a fluent captioner blind to the image gets.
@@ -127,7 +128,7 @@ def _classification(model, rows, image_embeddings, class_names) -> tuple[dict, d
 
 
 def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -> tuple[dict, dict, dict]:
-    from data_recipes.shapes import blind_vqa_accuracy
+    from data_recipes.shapes import blind_vqa_accuracies
 
     known = set(answers)
     items = []  # (row, question, answer, type)
@@ -149,15 +150,18 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
         predictions += [answers[i] for i in (queries @ answer_embeddings.T).argmax(dim=-1).tolist()]
     targets = [t for _, _, t, _ in items]
     chance_value = 1 / len(answers)
+    # The question-only baseline (the train split's prior) beside the overall and each type's accuracy.
+    blind = blind_vqa_accuracies(train, rows) if train is not None else {}
     metrics = {"vqa/accuracy": exact_match_accuracy(predictions, targets)}
+    if blind:
+        metrics["vqa/blind_baseline"] = blind["all"]
     for qa_type in sorted({t for *_, t in items}):
         picked = [i for i, item in enumerate(items) if item[3] == qa_type]
         metrics[f"vqa/accuracy[{qa_type}]"] = exact_match_accuracy([predictions[i] for i in picked],
                                                                    [targets[i] for i in picked])
+        if qa_type in blind:
+            metrics[f"vqa/blind_baseline[{qa_type}]"] = blind[qa_type]
     chance = dict.fromkeys(metrics, chance_value)
-    if train is not None:
-        metrics["vqa/blind_baseline"] = blind_vqa_accuracy(train, rows)
-        chance["vqa/blind_baseline"] = chance_value
     return metrics, chance, {"questions": len(items), "answers": len(answers)}
 
 
@@ -249,6 +253,24 @@ def format_table(results: dict[str, Any]) -> str:
         ratio = results.get("x_chance", {}).get(key)
         lines.append(f"| {key} | {number(value)} | {number(results['chance'].get(key))} | "
                      f"{'–' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def format_side_by_side(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of several `evaluate_shapes` results, one column per named result ("value (x chance)"),
+    one row per metric: e.g. the test split of the training style beside the held-out shifted style."""
+    names = list(results)
+    keys = list(dict.fromkeys(key for result in results.values() for key in result["metrics"]))
+
+    def cell(result, key):
+        value = result["metrics"].get(key)
+        if value is None:
+            return "–"
+        ratio = result.get("x_chance", {}).get(key)
+        return f"{value:.4f}" + ("" if ratio is None or key.startswith("vqa/blind") else f" ({ratio:.1f}x)")
+
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {key} | " + " | ".join(cell(results[name], key) for name in names) + " |" for key in keys]
     return "\n".join(lines)
 
 

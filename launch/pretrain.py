@@ -10,8 +10,9 @@
 Every step trains ONE task on every rank (unmixed sampling, drawn from (seed, step)); its batch comes from a
 deterministic per-task stream, so a resumed run repeats the uninterrupted one exactly (on a CPU, bit for bit).
 OUTPUT (recipe.output_dir, or --output) receives run.json, recipe.yaml, checkpoints/step_XXXXXX/ (each with an
-export/ that `UniPerceiver.from_pretrained` loads), export/ (the newest), log.jsonl, tb/, loss_curve.png and
-eval_test.json. A folder that holds another run is refused unless --resume or --overwrite says what to do.
+export/ that `UniPerceiver.from_pretrained` loads), export/ (the newest), log.jsonl, tb/, loss_curve.png,
+eval_test.json and examples.png (test pictures with the model's captions and answers). A folder that holds
+another run is refused unless --resume or --overwrite says what to do.
 SIGTERM (or a first Ctrl-C) finishes the current step, checkpoints and exits 0.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 import yaml
 
 from launch import pretraining as job
+from launch.pictures import write_run_examples
 from launch.training.checkpoints import EXPORT, RunFolder, RunFolderError, read_client
 from launch.training.files import atomic_json, atomic_text
 from launch.training.logs import RunLog, plot_losses, progress_bar, truncate_log
@@ -103,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not args.no_eval:
             result["eval"] = job.zero_shot_evaluation(recipe, output / EXPORT, output, progress is not None,
                                                       runtime.device)
+            result["examples"] = write_run_examples(recipe, output / EXPORT, output, runtime.device)
     runtime.barrier()
     return result
 

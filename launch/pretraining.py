@@ -297,32 +297,55 @@ def evaluate_losses(trainer: Trainer) -> dict[str, float]:
 def zero_shot_evaluation(recipe: Recipe, export: Path, output: Path, progress: bool,
                          device: torch.device | None = None) -> dict[str, Any] | None:
     """The built-in zero-shot evaluation (the `shapes` suite of `python -m eval`) of the exported model on the
-    test split of the shapes data the run trained on, printed as a table beside chance level and written to
-    OUTPUT/eval_test.json."""
-    from urllib.parse import urlencode
+    test split of the shapes data the run trained on, and on the same scenes' test split drawn in the held-out
+    "shifted" style (its question-only baseline taken from the training data: the prior the model could have
+    learnt). Printed as one table beside chance level; written to OUTPUT/eval_test.json and
+    OUTPUT/eval_test_shifted.json."""
+    from datasets import DatasetDict
 
     from .training.files import atomic_json
 
-    specs = [entry.dataset for entry in recipe.tasks if parse_spec(entry.dataset)[0] == "shapes"]
-    if not specs:
+    spec = shapes_test_spec(recipe)
+    if spec is None:
         print("zero-shot evaluation skipped: the built-in evaluation covers the shapes dataset, which no task uses")
         return None
     try:
-        from eval.shapes import evaluate_shapes, format_table
+        from eval.shapes import evaluate_shapes, format_side_by_side, resolve_shapes_data
     except ImportError as error:
         print(f"zero-shot evaluation skipped: the evaluation suite (eval.shapes) is not available ({error})")
         return None
+    import dataclasses
+
+    from data_recipes.shapes import build_shapes_dataset
     from uniperceiver import UniPerceiver
+    test, train, config = resolve_shapes_data("test", spec)
+    model = UniPerceiver.from_pretrained(export).to(device or "cpu")
+    results = {"test": evaluate_shapes(model, dataset=DatasetDict(train=train, test=test), config=config,
+                                       batch_size=recipe.eval.batch_size, progress=progress)}
+    atomic_json(output / "eval_test.json", results["test"])
+    if config.style != "shifted":
+        shifted_config = dataclasses.replace(config, style="shifted", train_size=0, val_size=0)
+        shifted = build_shapes_dataset(None, shifted_config)["test"]
+        results["test, shifted style"] = evaluate_shapes(model, dataset=DatasetDict(train=train, test=shifted),
+                                                         config=shifted_config, batch_size=recipe.eval.batch_size,
+                                                         progress=progress)
+        atomic_json(output / "eval_test_shifted.json", results["test, shifted style"])
+    counts = ", ".join(f"{v} {k}" for k, v in results["test"].get("counts", {}).items())
+    print(f"\nzero-shot evaluation, shapes [test]: {counts}; value (x chance)\n\n{format_side_by_side(results)}")
+    return results["test"] if len(results) == 1 else {**results["test"], "styles": results}
+
+
+def shapes_test_spec(recipe: Recipe) -> str | None:
+    """The SPEC of the shapes data the recipe's first shapes task trains on, without its split and task options
+    (what the zero-shot evaluation and the example pictures open), or None when no task uses the shapes data."""
+    from urllib.parse import urlencode
+
+    specs = [entry.dataset for entry in recipe.tasks if entry.dataset and parse_spec(entry.dataset)[0] == "shapes"]
+    if not specs:
+        return None
     _, folder, options = parse_spec(specs[0])
     options = {k: v for k, v in options.items() if k not in ("split", "task")}
-    dataset = "shapes" + (f":{folder}" if folder else "") + (f"?{urlencode(options)}" if options else "")
-    model = UniPerceiver.from_pretrained(export).to(device or "cpu")
-    results = evaluate_shapes(model, split="test", dataset=dataset, batch_size=recipe.eval.batch_size,
-                              progress=progress)
-    counts = ", ".join(f"{v} {k}" for k, v in results.get("counts", {}).items())
-    print(f"\nzero-shot evaluation, shapes [test]: {counts}\n\n{format_table(results)}")
-    atomic_json(output / "eval_test.json", results)
-    return results
+    return "shapes" + (f":{folder}" if folder else "") + (f"?{urlencode(options)}" if options else "")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -185,6 +185,11 @@ def test_evaluate_shapes_on_an_untrained_model(shapes_setup):
         "captioning/CIDEr", "captioning/BLEU-4"}
     assert expected <= set(metrics)
     assert any(key.startswith("vqa/accuracy[") for key in metrics)
+    # Each question type's accuracy has its question-only baseline beside it.
+    types = [key[len("vqa/accuracy["):-1] for key in metrics if key.startswith("vqa/accuracy[")]
+    keys = list(metrics)
+    for qa_type in types:
+        assert keys.index(f"vqa/blind_baseline[{qa_type}]") == keys.index(f"vqa/accuracy[{qa_type}]") + 1
     for key, value in metrics.items():
         assert 0.0 <= value <= (10.0 if key == "captioning/CIDEr" else 1.0), (key, value)
     assert results["counts"]["images"] == 24 and results["counts"]["texts"] <= 96
@@ -196,6 +201,13 @@ def test_evaluate_shapes_on_an_untrained_model(shapes_setup):
     assert table.splitlines()[0] == "| metric | value | chance | x chance |"
     assert all(f"| {key} |" in table for key in metrics)
     json.dumps(results)  # JSON-able for --out and the training log
+    # Side by side with another result: one column each, the value and its ratio to chance.
+    from eval.shapes import format_side_by_side
+    other = {**results, "metrics": {**metrics, "vqa/accuracy": 0.5}}
+    lines = format_side_by_side({"test": results, "shifted": other}).splitlines()
+    assert lines[0] == "| metric | test | shifted |" and len(lines) == 2 + len(metrics)
+    assert f"| vqa/accuracy | {metrics['vqa/accuracy']:.4f} (" in "\n".join(lines)
+    assert "| 0.5000 (" in [line for line in lines if line.startswith("| vqa/accuracy |")][0]
 
 
 class OracleModel(torch.nn.Module):

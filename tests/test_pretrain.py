@@ -212,3 +212,20 @@ def test_the_tiny_recipe_learns_within_a_few_hundred_steps(tmp_path):
 
     assert late_mean("retrieval", 20) < math.log(32) - 0.4
     assert late_mean("classification", 15) < math.log(6) - 0.2
+
+
+def test_the_run_ends_with_the_test_split_and_the_held_out_style_side_by_side(tmp_path, capsys):
+    """The zero-shot evaluation reads the test split in the training style and the same scenes drawn in the
+    shifted style, each with the question-only baseline of the training data, prints one table with a column
+    each, and writes both results and the picture grid."""
+    result = pretrain.main(["--output", str(tmp_path), "--no-progress", *small_overrides(2)])
+    printed = capsys.readouterr().out
+    assert "| metric | test | test, shifted style |" in printed
+    assert (tmp_path / "eval_test.json").is_file() and (tmp_path / "eval_test_shifted.json").is_file()
+    assert (tmp_path / "examples.png").is_file() and result["examples"] == tmp_path / "examples.png"
+    shifted = json.loads((tmp_path / "eval_test_shifted.json").read_text())
+    test = json.loads((tmp_path / "eval_test.json").read_text())
+    assert shifted["counts"]["images"] == test["counts"]["images"] == 8
+    # The same scenes, so the same words; the same prior, so the same question-only baseline.
+    assert shifted["metrics"]["vqa/blind_baseline"] == test["metrics"]["vqa/blind_baseline"]
+    assert set(result["eval"]["styles"]) == {"test", "test, shifted style"}

@@ -11,9 +11,11 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from data_recipes import shapes  # noqa: E402
-from data_recipes.shapes import (CONFIG_FILE, PALETTE, QA_TYPES, TEMPORARY_PREFIX, ShapesConfig,  # noqa: E402
-                                 answer_list, blind_vqa_accuracy, build_shapes_dataset, caption_corpus,
-                                 class_names, coco_categories, default_shapes_folder, generate_example, relations, render_scene)
+from data_recipes.shapes import (CONFIG_FILE, MAX_TURN, QA_TYPES, SIZES, TEMPORARY_PREFIX, ShapesConfig,  # noqa: E402
+                                 answer_list, blind_vqa_accuracies, blind_vqa_accuracy, build_shapes_dataset,
+                                 caption_corpus, class_names, coco_categories, default_shapes_folder,
+                                 generate_example, relations, render_scene)
+from data_recipes.shapes_styles import HUES, MIN_CONTRAST, nearest_colour, shade  # noqa: E402
 from data_recipes.text_corpus import (CAPTION_TEMPLATES, COUNT_WORDS, PLURALS, RELATIONS, describe,  # noqa: E402
                                       vocabulary, words)
 
@@ -63,8 +65,12 @@ def test_splits_columns_and_cache(cache, monkeypatch):
     assert caption_corpus(again) == [c for split in data.values() for row in split["captions"] for c in row]
     assert len(caption_corpus(again["val"], with_qa=True)) == sum(
         len(r["captions"]) + 2 * len(r["questions"]) for r in again["val"])
-    # Answering blind (from the question alone) beats a uniform guess but is far from perfect.
+    # Answering blind (from the question alone) beats a uniform guess but is far from perfect; per type too.
     assert 1 / len(answer_list(SMALL)) < blind_vqa_accuracy(data["train"], data["test"]) < 0.6
+    by_type = blind_vqa_accuracies(data["train"], data["test"])
+    assert set(by_type) <= {"all", *QA_TYPES} and by_type["all"] == blind_vqa_accuracy(data["train"], data["test"])
+    types = [t for row in data["test"]["qa_types"] for t in row]
+    assert by_type["all"] == pytest.approx(sum(by_type[t] * types.count(t) for t in set(types)) / len(types))
 
 
 def test_deterministic_from_the_seed(tmp_path):
@@ -81,40 +87,92 @@ def test_deterministic_from_the_seed(tmp_path):
     assert notes["captions"] == first["train"][7]["captions"]
 
 
-def test_boxes_are_tight_and_match_the_rendered_objects():
-    seen_sizes, seen_counts = set(), Counter()
-    for scene, image, notes in _examples():
+def _clean(scene):
+    """The scene without noise, blur or JPEG: the pixels its objects and background are drawn with."""
+    return dataclasses.replace(scene, look=dataclasses.replace(scene.look, noise=0.0, blur=0.0, jpeg_quality=None))
+
+
+@pytest.mark.parametrize("style", ["random", "shifted"])
+def test_boxes_are_tight_and_match_the_rendered_objects(style):
+    config = dataclasses.replace(SMALL, style=style)
+    seen_sizes, seen_counts, looks = {"small": set(), "large": set()}, Counter(), Counter()
+    for scene, image, notes in _examples(config):
         assert notes["objects"] == {"bbox": [list(o.box) for o in scene.objects],
-                                    "category": [SMALL.shapes.index(o.shape) for o in scene.objects]}
+                                    "category": [config.shapes.index(o.shape) for o in scene.objects]}
+        assert scene.look.style == style
+        looks[scene.look.background] += 1
         seen_counts[len(scene.objects)] += 1
-        pixels = np.asarray(image, dtype=np.float64)
-        # Without noise, every pixel outside the boxes is the background and every box is the object's extent.
-        clean = np.asarray(render_scene(dataclasses.replace(scene, noise=0.0)), dtype=np.int64)
+        # Without noise, blur and JPEG, every pixel outside the boxes is the empty scene's background, and every
+        # box is the object's extent.
+        clean = np.asarray(render_scene(_clean(scene)), dtype=np.int64)
+        empty = np.asarray(render_scene(dataclasses.replace(_clean(scene), objects=())), dtype=np.int64)
         outside = np.ones(clean.shape[:2], bool)
         for obj in scene.objects:
             x, y, w, h = obj.box
-            seen_sizes.add(w)
-            assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w == h
+            seen_sizes[obj.size].add(w)
+            assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
+            assert w == h if obj.shape == "circle" else 0.8 <= h / w <= 1.25
+            assert abs(obj.rotation) <= MAX_TURN and (obj.shape != "circle" or obj.rotation == 0)
             outside[y:y + h, x:x + w] = False
-            drawn = np.abs(clean[y:y + h, x:x + w] - scene.background).sum(-1) > 30
+            # (The shifted style samples coverage on a 3x grid: a star's thin tip leaves fainter edge pixels.)
+            faint = 30 if style == "random" else 12
+            drawn = np.abs(clean[y:y + h, x:x + w] - empty[y:y + h, x:x + w]).sum(-1) > faint
             rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
             assert rows[0] <= 1 and rows[-1] >= h - 2 and cols[0] <= 1 and cols[-1] >= w - 2, obj
-            # The pixels at the box centre have the object's colour (the nearest palette colour).
+            # The shade is its colour's, far from the background, and the pixels at the box centre show it.
+            assert nearest_colour(obj.rgb) == obj.colour
+            assert all(np.linalg.norm(np.subtract(obj.rgb, c)) >= MIN_CONTRAST for c in scene.look.colours)
             cx, cy = int(obj.centre[0]), int(obj.centre[1])
-            mean = pixels[cy - 1:cy + 1, cx - 1:cx + 1].reshape(-1, 3).mean(0)
-            nearest = min(SMALL.colours, key=lambda c: np.square(mean - PALETTE[c]).sum())
-            assert nearest == obj.colour, (obj, mean)
-        assert np.all(clean[outside] == scene.background)
-        # Boxes keep apart: no two overlap.
+            mean = clean[cy - 1:cy + 1, cx - 1:cx + 1].reshape(-1, 3).mean(0)
+            assert nearest_colour(mean) == obj.colour, (obj, mean)
+        assert np.all(clean[outside] == empty[outside])
+        # Boxes keep apart: no two overlap; the largest shape is the only large one.
         for i, a in enumerate(scene.objects):
             for b in scene.objects[i + 1:]:
                 assert relations(a, b), (a, b)
-    assert seen_sizes == {14, 23} and set(seen_counts) == {1, 2, 3, 4}
+        if len(scene.objects) > 1:
+            assert [o.size for o in scene.objects].count("large") == 1
+    for size, (low, high) in SIZES.items():  # sides spread over each size class
+        assert min(seen_sizes[size]) <= round(low * 64) + 2 and max(seen_sizes[size]) >= round(high * 64) - 2
+    assert max(seen_sizes["small"]) < min(seen_sizes["large"]) and set(seen_counts) == {1, 2, 3, 4}
+    assert len(looks) == 3  # every kind of background of the style
     # A scene renders at another size with its boxes scaled.
-    scene = _examples(count=3)[0][0]
-    big = np.asarray(render_scene(dataclasses.replace(scene, noise=0.0), 128), dtype=np.int64)
+    scene = _examples(config, count=3)[0][0]
+    big = np.asarray(render_scene(_clean(scene), 128), dtype=np.int64)
     x, y, w, h = scene.objects[0].box
-    assert np.abs(big[2 * y + h, 2 * x + w] - PALETTE[scene.objects[0].colour]).max() <= SMALL.colour_jitter + 1
+    assert nearest_colour(big[2 * y + h, 2 * x + w]) == scene.objects[0].colour
+
+
+def test_styles_differ_in_look_not_in_words():
+    """The held-out style draws the same scenes' words with other pictures; both are deterministic."""
+    random_style = generate_example(SMALL, "test", 5)
+    shifted = generate_example(dataclasses.replace(SMALL, style="shifted"), "test", 5)
+    assert [(o.colour, o.shape, o.box) for o in random_style[0].objects] == \
+        [(o.colour, o.shape, o.box) for o in shifted[0].objects]
+    assert random_style[2] == shifted[2]  # captions, questions, answers, label, boxes
+    assert not np.array_equal(np.asarray(random_style[1]), np.asarray(shifted[1]))
+    again = generate_example(dataclasses.replace(SMALL, style="shifted"), "test", 5)
+    assert np.array_equal(np.asarray(again[1]), np.asarray(shifted[1]))
+    # The random style varies its looks widely: light and dark backgrounds, JPEG in part of the pictures.
+    looks = [generate_example(SMALL, "train", i)[0].look for i in range(200)]
+    brightness = [sum(look.colours[0]) / 3 for look in looks]
+    assert min(brightness) < 80 and max(brightness) > 200
+    assert 0.15 < sum(look.jpeg_quality is not None for look in looks) / len(looks) < 0.6
+    with pytest.raises(ValueError, match="style 'cartoon'"):
+        ShapesConfig(style="cartoon")
+
+
+def test_colour_words_stay_unambiguous():
+    """Every shade is named back as the colour it was drawn for, and so are other palettes' named colours."""
+    import random
+    rng = random.Random(0)
+    for colour in HUES:
+        assert all(nearest_colour(shade(rng, colour)) == colour for _ in range(300))
+    others = {"red": [(255, 0, 0), (220, 20, 60)], "green": [(0, 128, 0), (34, 139, 34), (50, 205, 50)],
+              "blue": [(0, 0, 255), (65, 105, 225), (30, 144, 255)], "yellow": [(255, 255, 0), (255, 215, 0)],
+              "purple": [(128, 0, 128), (148, 0, 211), (138, 43, 226)], "orange": [(255, 165, 0), (255, 140, 0)]}
+    for colour, shades in others.items():
+        assert [nearest_colour(rgb) for rgb in shades] == [colour] * len(shades)
 
 
 def _named(scene, colour, shape):

@@ -83,3 +83,28 @@ def test_config_round_trips_through_a_dict():
     config = tiny_config()
     again = UniPerceiverConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config and again.text.width == config.decoder.width
+
+
+def test_finer_token_stages_add_patch_tokens_and_round_trip(tmp_path, monkeypatch):
+    """token_stages [-2, -1] at 64 px: 2 global tokens, then the 4x4 stride-16 map, then the 2x2 last stage;
+    the token of a patch depends on its own part of the picture; the stages survive save/load, and a config
+    written before the field existed still means the last stage alone."""
+    monkeypatch.setenv("INTERN25_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = UniPerceiver(tiny_config(image={"backbone_overrides": BACKBONE, "token_stages": [-2, -1]})).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, kinds = model.image_tokens(images)
+    assert tokens.shape == (2, 2 + 16 + 4, 64) and kinds.tolist()[0] == [2] * 2 + [3] * 20
+    folder = model.save_pretrained(tmp_path / "export")
+    assert json.loads((folder / "config.json").read_text())["image"]["token_stages"] == [-2, -1]
+    loaded = UniPerceiver.from_pretrained(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+    config = json.loads((folder / "config.json").read_text())
+    del config["image"]["token_stages"]
+    assert UniPerceiverConfig.from_dict(config).image.token_stages == (-1,)
+    with pytest.raises(ValueError, match=r"token_stages \[-1, -1\]"):
+        tiny_config(image={"token_stages": [-1, -1]})
+    with pytest.raises(ValueError, match=r"the backbone has 4 stages"):
+        UniPerceiver(tiny_config(image={"backbone_overrides": BACKBONE, "token_stages": [7]}))

@@ -1,7 +1,10 @@
-"""The image side of Uni-Perceiver: InternImage stage-4 features turned into decoder tokens.
+"""The image side of Uni-Perceiver: InternImage features turned into decoder tokens.
 
 As in Uni-Perceiver v2, an image becomes a few global tokens (learned queries attention-pooling over
-the last stage) followed by the flattened last-stage map, all projected to the decoder width.
+the patch tokens) followed by the flattened feature maps, all projected to the decoder width. By default the
+patch tokens are the last stage's (stride 32); `token_stages` adds finer stages. At 64 pixels the last stage
+is a 2x2 map, too coarse for questions about which shape lies where or how many there are: the tiny recipe
+also takes the stride-16 stage (4x4), so that each small shape has tokens of its own.
 """
 from __future__ import annotations
 
@@ -29,8 +32,15 @@ class ImageEncoderConfig:
     allow_pickle: bool = False
     num_global_tokens: int = 4
     pool_heads: int = 4
+    token_stages: tuple[int, ...] = (-1,)  # backbone stages whose maps become patch tokens (-1: the last)
     image_size: int = 224
     freeze_backbone: bool = False
+
+    def __post_init__(self):
+        self.token_stages = tuple(int(stage) for stage in self.token_stages)
+        if not self.token_stages or len(set(self.token_stages)) != len(self.token_stages):
+            raise ValueError(f"ImageEncoderConfig: token_stages {list(self.token_stages)}: expected distinct stage "
+                             "indices, e.g. [-1] or [-2, -1]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,14 +83,26 @@ class ImageEncoder(nn.Module):
             load_checkpoint(self.backbone, config.checkpoint, allow_pickle=config.allow_pickle)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
-        channels = self.backbone.feature_info[-1]["num_chs"]
-        self.proj = nn.Sequential(nn.Linear(channels, width), nn.LayerNorm(width))
+        stages = len(self.backbone.feature_info)
+        bad = [stage for stage in config.token_stages if not -stages <= stage < stages]
+        if bad:
+            raise ValueError(f"ImageEncoderConfig.token_stages {list(config.token_stages)}: the backbone has "
+                             f"{stages} stages, so each must lie in [-{stages}, {stages - 1}]")
+        self.stages = [stage % stages for stage in config.token_stages]
+        # `proj` projects the last listed stage (the only one by default, as in earlier exports); `finer_proj`
+        # the others, in the order listed.
+        project = lambda stage: nn.Sequential(nn.Linear(self.backbone.feature_info[stage]["num_chs"], width),  # noqa: E731
+                                              nn.LayerNorm(width))
+        self.proj = project(self.stages[-1])
+        self.finer_proj = nn.ModuleList(project(stage) for stage in self.stages[:-1])
         heads = config.pool_heads if width % config.pool_heads == 0 else 1
         self.pool = AttentionPool(width, config.num_global_tokens, heads) if config.num_global_tokens else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        last_stage = self.backbone(images)[-1]                       # (B, C, h, w)
-        patches = self.proj(last_stage.flatten(2).transpose(1, 2))   # (B, h*w, width)
+        maps = self.backbone(images)                                 # per stage (B, C, h, w)
+        projections = [*self.finer_proj, self.proj]
+        patches = torch.cat([project(maps[stage].flatten(2).transpose(1, 2))  # (B, sum of h*w, width)
+                             for project, stage in zip(projections, self.stages)], dim=1)
         kinds = [torch.full(patches.shape[:2], int(Modality.IMAGE_PATCH), device=patches.device)]
         if self.pool is None:
             return patches, kinds[0]

@@ -32,8 +32,8 @@ CHECKPOINT_PREFIX, TEMPORARY_PREFIX = "step_", ".tmp-"
 CHECKPOINT_FORMAT = 2
 # What a run writes at the top of its folder: what --overwrite deletes (nothing else in the folder is touched).
 # The first ones are its work; a folder with only the last ones (a start that failed at once) holds no run.
-WORK_ENTRIES = (CHECKPOINTS, EXPORT, "log.jsonl", "tb", "loss_curve.png", "eval_test.json", "summary.json",
-                "samples.png")
+WORK_ENTRIES = (CHECKPOINTS, EXPORT, "log.jsonl", "tb", "loss_curve.png", "eval_test.json", "eval_test_shifted.json",
+                "summary.json", "samples.png", "examples.png")
 RUN_ENTRIES = WORK_ENTRIES + (RUN_FILE, "recipe.yaml")
 
 
