@@ -108,3 +108,4 @@ def test_finer_token_stages_add_patch_tokens_and_round_trip(tmp_path, monkeypatc
         tiny_config(image={"token_stages": [-1, -1]})
     with pytest.raises(ValueError, match=r"the backbone has 4 stages"):
         UniPerceiver(tiny_config(image={"backbone_overrides": BACKBONE, "token_stages": [7]}))
+
