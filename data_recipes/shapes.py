@@ -378,15 +378,43 @@ def generate_example(config: ShapesConfig, split: str, index: int) -> tuple[Scen
     return scene, render_scene(scene), scene_annotations(scene, rng, config)
 
 
+def _encoded_example(config: ShapesConfig, split: str, index: int) -> tuple[bytes, dict[str, Any]]:
+    """One example as stored: its PNG bytes and annotations."""
+    _, image, notes = generate_example(config, split, index)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return png.getvalue(), notes
+
+
+def _encoded_range(args: tuple[ShapesConfig, str, int, int]) -> list[tuple[bytes, dict[str, Any]]]:
+    config, split, start, stop = args
+    return [_encoded_example(config, split, index) for index in range(start, stop)]
+
+
+def build_processes(count: int) -> int:
+    """How many processes draw a split of `count` pictures: one per CPU core (at most 8) for large splits, else
+    one. Every example has its own generators, so the data does not depend on it."""
+    if count < 2000:
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def _generate_split(config: ShapesConfig, split: str) -> dict[str, list]:
     columns: dict[str, list] = {name: [] for name in features(config)}
     offset = SPLITS.index(split) * 10_000_000  # image ids unique across splits
-    for index in range(config.split_sizes()[split]):
-        _, image, notes = generate_example(config, split, index)
-        png = io.BytesIO()
-        image.save(png, format="PNG")
+    count = config.split_sizes()[split]
+    processes = build_processes(count)
+    chunks = [(config, split, start, min(start + 500, count)) for start in range(0, count, 500)]
+    if processes > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            encoded = [example for chunk in pool.imap(_encoded_range, chunks) for example in chunk]
+    else:
+        encoded = [example for chunk in map(_encoded_range, chunks) for example in chunk]
+    for index, (png, notes) in enumerate(encoded):
         columns["image_id"].append(offset + index)
-        columns["image"].append({"bytes": png.getvalue(), "path": None})
+        columns["image"].append({"bytes": png, "path": None})
         columns["captions"].append(notes["captions"])
         for column, key in (("questions", "question"), ("answers", "answer"), ("qa_types", "type")):
             columns[column].append([pair[key] for pair in notes["qa"]])

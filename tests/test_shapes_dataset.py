@@ -312,3 +312,14 @@ def test_an_empty_split_is_left_out_and_the_build_reloads(tmp_path):
     assert sorted(first) == sorted(again) == ["test", "train"] and len(again["test"]) == 3
     with pytest.raises(ValueError, match=r"no split 'val'; the dataset has \['test', 'train'\]"):
         open_dataset(f"shapes:{tmp_path / 's'}?split=val&train_size=6&val_size=0&test_size=3")
+
+
+def test_a_split_drawn_by_several_processes_is_the_same(tmp_path, monkeypatch):
+    """Large splits are drawn by a pool of processes: the bytes and annotations do not depend on it."""
+    config = ShapesConfig(seed=5, train_size=1100, val_size=0, test_size=0)
+    monkeypatch.setattr(shapes, "build_processes", lambda count: 2)
+    pooled = shapes._generate_split(config, "train")
+    monkeypatch.setattr(shapes, "build_processes", lambda count: 1)
+    alone = shapes._generate_split(config, "train")
+    assert pooled == alone and len(alone["image"]) == 1100
+    assert shapes.build_processes(100) == 1
