@@ -41,7 +41,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from .shapes_styles import POLYGONS, STYLES, Look, render, sample_look, shade  # noqa: F401 (POLYGONS re-exported)
+from .shapes_styles import POLYGONS, STYLES, SUPERSAMPLE, Look, render, sample_look, shade  # noqa: F401 (re-exported)
 from .text_corpus import (CAPTION_TEMPLATES, COLOURS, COUNT_WORDS, MAX_SHAPES, PLURALS, QUESTIONS, RELATIONS,
                           SHAPES, YES_NO, count_phrase, describe, join_phrases)
 
@@ -57,7 +57,6 @@ QA_TYPES = ("colour", "shape", "count", "position", "yes_no")
 SIZES = {"small": (0.17, 0.25), "large": (0.30, 0.42)}
 MAX_STRETCH = 0.15   # a box's height is its width times 1 +- this (circles stay round)
 MAX_TURN = 15.0      # degrees an object may be rotated by (half of them are)
-SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
 CONFIG_FILE = "shapes_config.json"  # written last into a built folder: it marks the build as complete
 CACHE_ENV = "INTERN25_CACHE_DIR"
 TEMPORARY_PREFIX = ".building-"  # <parent>/.building-<name>-<pid>-<random>: a build in progress

@@ -40,6 +40,7 @@ SATURATIONS = {"red": (0.6, 1.0), "orange": (0.7, 1.0), "yellow": (0.6, 1.0), "g
 VALUES = {"red": (0.6, 1.0), "orange": (0.85, 1.0), "yellow": (0.85, 1.0), "green": (0.45, 0.95),
           "blue": (0.55, 1.0), "purple": (0.45, 0.9)}
 MIN_CONTRAST = 80.0  # least RGB distance between an object's shade and each of the background's colours
+SUPERSAMPLE = 4      # the random style draws at 4x and box-filters down: anti-aliased edges
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,6 @@ def nearest_colour(rgb) -> str:
     return min(HUES, key=lambda name: distance(HUES[name]))
 
 
-def _distance(a, b) -> float:
-    return math.dist(a, b)
-
-
 def _tint(rng: random.Random, value: tuple[float, float], saturation: tuple[float, float]) -> RGB:
     rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*saturation), rng.uniform(*value))
     return tuple(int(round(255 * c)) for c in rgb)
@@ -89,7 +86,7 @@ def sample_look(rng: random.Random, style: str, shades: list[RGB]) -> Look:
         raise ValueError(f"shapes style {style!r}: expected one of {STYLES}")
     for _ in range(200):
         look = _random_look(rng) if style == "random" else _shifted_look(rng)
-        if all(_distance(s, c) >= MIN_CONTRAST for s in shades for c in look.colours):
+        if all(math.dist(s, c) >= MIN_CONTRAST for s in shades for c in look.colours):
             return look
     return look  # pragma: no cover - 200 draws without a contrasting background do not happen in practice
 
@@ -208,8 +205,6 @@ def _random_background(look: Look, side: int) -> np.ndarray:
 def _draw_random(scene: "Scene", size: int) -> Image.Image:
     """PIL polygons on a 4x canvas, box-filtered down (anti-aliased edges). Each object is drawn into its own
     box's window of the canvas only (the rest of the canvas is not touched)."""
-    from .shapes import SUPERSAMPLE
-
     side = SUPERSAMPLE * size
     scale = side / scene.image_size
     canvas = _random_background(scene.look, side)
