@@ -261,8 +261,7 @@ def test_tiny_recipe_loads():
     assert sum(recipe.sampling_ratios().values()) == pytest.approx(1.0)
     assert recipe.optimizer.name == "adamw" and recipe.optimizer.warmup_steps > 0
     assert recipe.deepspeed.zero_stage == 0
-    # The tests' tiny model, with the recipe's finer patch tokens and deeper decoder.
-    assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1]}, decoder={"depth": 4})
+    assert recipe.model_config() == tiny_config()
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.sampler().task_at(5) == recipe.sampler().task_at(5)
     built = recipe.build_tasks()

@@ -73,7 +73,7 @@ class UniPerceiverConfig:
 def tiny_config(**overrides) -> UniPerceiverConfig:
     """A model that trains on a laptop CPU in seconds: a toy InternImage, the built-in tiny Llama text model,
     a 2-layer decoder of width 64. The configuration of the tests; the built-in recipe (launch/recipes/tiny.yaml)
-    starts from it with 4 decoder layers and finer patch tokens."""
+    starts from it with a wider backbone, 4 decoder layers and finer patch tokens."""
     base = dict(
         image=dict(backbone="internimage_t", num_global_tokens=2, image_size=64,
                    backbone_overrides=dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)),
