@@ -261,7 +261,10 @@ def test_tiny_recipe_loads():
     assert sum(recipe.sampling_ratios().values()) == pytest.approx(1.0)
     assert recipe.optimizer.name == "adamw" and recipe.optimizer.warmup_steps > 0
     assert recipe.deepspeed.zero_stage == 0
-    assert recipe.model_config() == tiny_config()
+    # The tests' tiny model, with the recipe's wider backbone, finer patch tokens and deeper decoder.
+    backbone = {"channels": 24, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0}
+    assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1], "backbone_overrides": backbone},
+                                                decoder={"depth": 4})
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.sampler().task_at(5) == recipe.sampler().task_at(5)
     built = recipe.build_tasks()
