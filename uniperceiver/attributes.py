@@ -18,6 +18,8 @@ encode_words               INPUT_IMAGE | INPUT_TEXT | TARGET_TEXT  yes          
 vqa_query                  INPUT_IMAGE | INPUT_TEXT | TARGET_TEXT  no           none
 caption_logits, caption,   INPUT_IMAGE | INPUT_TEXT | TARGET_TEXT  no           words and their <SPE> queries
 generation.start / step                                                         (the prefix, prompt included, not)
+region_embeddings          INPUT_IMAGE | INPUT_REGIONS             no           none
+                           | TARGET_TEXT
 =========================  ======================================  ===========  ====================================
 
 Why these:
@@ -27,6 +29,8 @@ Why these:
   are precomputed once, the retrieval loss uses the same text embeddings for both directions (text-to-image
   ranks images against the very vectors image-to-text ranks as candidates), and the VQA answer list is
   encoded like any other candidate text. So VQA answers do not carry INPUT_TEXT, unlike the VQA query.
+- Detection's input is the image and its region tokens (REGION modality, so TOKEN_VISUAL); its candidates
+  are category names, encoded by encode_text like class names (TARGET_TEXT).
 - Captioning's input is the image and the words so far, so captioning and (open-ended or ranked) VQA share
   the task bits INPUT_IMAGE | INPUT_TEXT | TARGET_TEXT; encode_words (the caption vocabulary, what the
   queries of both are ranked against) takes the same task bits on the target side. Caption words and their
@@ -58,6 +62,7 @@ IMAGE_INPUT = SequenceRole(A.INPUT_IMAGE | A.TARGET_TEXT)                       
 TEXT_CANDIDATE = SequenceRole(A.INPUT_IMAGE | A.TARGET_TEXT, target_side=True)           # encode_text
 WORD_CANDIDATE = SequenceRole(A.INPUT_IMAGE | A.INPUT_TEXT | A.TARGET_TEXT, target_side=True)  # encode_words
 IMAGE_TEXT_INPUT = SequenceRole(A.INPUT_IMAGE | A.INPUT_TEXT | A.TARGET_TEXT)            # vqa_query, captioning
+REGION_INPUT = SequenceRole(A.INPUT_IMAGE | A.INPUT_REGIONS | A.TARGET_TEXT)            # region_embeddings
 
 
 def token_attributes(modality_ids: Tensor, role: SequenceRole, causal: Tensor | bool = False) -> Tensor:

@@ -99,13 +99,18 @@ class ImageEncoder(nn.Module):
         self.pool = AttentionPool(width, config.num_global_tokens, heads) if config.num_global_tokens else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        tokens, kinds, _ = self.encode(images)
+        return tokens, kinds
+
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Tokens and modality ids as `forward`, and the backbone's stage maps (what region proposals read)."""
         maps = self.backbone(images)                                 # per stage (B, C, h, w)
         projections = [*self.finer_proj, self.proj]
         patches = torch.cat([project(maps[stage].flatten(2).transpose(1, 2))  # (B, sum of h*w, width)
                              for project, stage in zip(projections, self.stages)], dim=1)
         kinds = [torch.full(patches.shape[:2], int(Modality.IMAGE_PATCH), device=patches.device)]
         if self.pool is None:
-            return patches, kinds[0]
+            return patches, kinds[0], maps
         global_tokens = self.pool(patches)
         kinds.insert(0, torch.full(global_tokens.shape[:2], int(Modality.IMAGE_GLOBAL), device=patches.device))
-        return torch.cat([global_tokens, patches], dim=1), torch.cat(kinds, dim=1)
+        return torch.cat([global_tokens, patches], dim=1), torch.cat(kinds, dim=1), maps

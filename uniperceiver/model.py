@@ -8,6 +8,7 @@ Sequences (see DESIGN.md and notes/uniperceiver-family.md):
 - VQA input:  [SPE, image tokens, question states, SPE query]       -> query output, vs answers as texts
 - caption:    [SPE, image tokens, words, one SPE query per word]    -> query j output, vs the vocabulary
 - open VQA:   [SPE, image tokens, question states, words, queries] -> as caption, conditioned on the question
+- detection:  [SPE, image tokens, region tokens]                    -> each region's output, vs category names
 Caption words enter the decoder as single-token features (each vocabulary token encoded alone by the text
 encoder), the same features that represent the vocabulary as candidates: a contextual encoding of the whole
 caption would let word j leak into the states of the words before it.
@@ -25,18 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attributes import (IMAGE_INPUT, IMAGE_TEXT_INPUT, TEXT_CANDIDATE, WORD_CANDIDATE, SequenceRole,
-                         caption_causal_span, decoder_attributes)
+from .attributes import (IMAGE_INPUT, IMAGE_TEXT_INPUT, REGION_INPUT, TEXT_CANDIDATE, WORD_CANDIDATE,
+                         SequenceRole, caption_causal_span, decoder_attributes)
 from .decoder import DecoderConfig, Modality, SharedDecoder
 from .generation import packed_positions
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .masks import padded_caption_attention_mask
 from .readout import DEFAULT_FAMILIES, SimilarityReadout
+from .region_proposals import Proposals, RegionConfig, RegionProposalNetwork, RegionTokens
 from .text_encoder import TextEncoder, TextEncoderConfig
 
 ARCHITECTURE = "UniPerceiver"
 CONFIG_FILE, WEIGHTS_FILE, TEXT_FOLDER = "config.json", "model.safetensors", "text_model"
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CATEGORY_CHUNK = 256  # category names encoded per forward pass (an LVIS list of 1,203 takes five)
 
 
 @dataclass
@@ -49,12 +52,15 @@ class UniPerceiverConfig:
     families: tuple[str, ...] = DEFAULT_FAMILIES
     caption_vocab: list[int] | None = None  # candidate token ids for captioning; None = every non-special token
     max_caption_length: int = 20
+    detection: RegionConfig | None = None  # the region-proposal head; None: a model without detection
 
     def __post_init__(self):
         for name, kind in (("image", ImageEncoderConfig), ("text", TextEncoderConfig), ("decoder", DecoderConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(kind, value, f"config.{name}"))
+        if isinstance(self.detection, dict):
+            self.detection = _from_dict(RegionConfig, self.detection, "config.detection")
         self.families = tuple(self.families)
         self.text.width = self.decoder.width  # text states enter the decoder directly
 
@@ -112,6 +118,29 @@ class UniPerceiver(nn.Module):
         self.decoder = SharedDecoder(config.decoder)
         self.readout = SimilarityReadout(width, config.embed_dim, config.families)
         self.register_buffer("caption_vocab", torch.tensor(self._caption_vocab(), dtype=torch.long), persistent=False)
+        self.region_proposer = self.region_tokens = None
+        if config.detection is not None:
+            self._build_detection(config.detection, width)
+        self._category_cache: dict[tuple, Tensor] = {}
+
+    def _build_detection(self, config: RegionConfig, width: int) -> None:
+        info = self.image_encoder.backbone.feature_info
+        bad = [level for level in config.levels if not 0 <= level < len(info)]
+        if bad:
+            raise ValueError(f"config.detection.levels {list(config.levels)}: the backbone has stages "
+                             f"0..{len(info) - 1}")
+        channels = [info[level]["num_chs"] for level in config.levels]
+        strides = [info[level]["reduction"] for level in config.levels]
+        self.region_proposer = RegionProposalNetwork(config, channels, strides)
+        self.region_tokens = RegionTokens(config, channels, strides, width)
+
+    @property
+    def has_detection(self) -> bool:
+        return self.region_proposer is not None
+
+    def train(self, mode: bool = True):
+        self._category_cache = {}  # the names' embeddings change as soon as training does
+        return super().train(mode)
 
     # ------------------------------------------------------------------------------------------ tokens
     @property
@@ -185,7 +214,20 @@ class UniPerceiver(nn.Module):
         gradient rather than none: under DeepSpeed ZeRO-3 a parameter that got no gradient in a step was
         updated from an earlier step's (the idle VQA temperature moved against the plain loop's)."""
         loss = task.loss(self, batch)
-        return loss + 0.0 * torch.stack([self.readout.scale(family) for family in self.readout.families]).sum()
+        loss = loss + 0.0 * torch.stack([self.readout.scale(family) for family in self.readout.families]).sum()
+        if self.has_detection and getattr(task, "family", "") != "detection":
+            loss = loss + 0.0 * self._idle_detection_term(loss)
+        return loss
+
+    def _idle_detection_term(self, like: Tensor) -> Tensor:
+        """The detection head run on one-pixel zero maps: a step of another task gives its parameters a zero
+        gradient rather than none, for the same ZeRO-3 reason as the temperatures above."""
+        channels = [lateral.in_channels for lateral in self.region_proposer.lateral]
+        maps = [like.new_zeros(1, c, 1, 1) for c in channels]
+        dense = self.region_proposer(maps)
+        box = like.new_tensor([[[0.0, 0.0, 1.0, 1.0]]])
+        tokens = self.region_tokens(maps, box, (1, 1))
+        return dense.objectness.sum() + dense.centreness.sum() + dense.distances.sum() + tokens.sum()
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) normalised images -> (B, embed_dim) embeddings (unit norm)."""
@@ -226,6 +268,84 @@ class UniPerceiver(nn.Module):
         attributes = decoder_attributes(self.decoder, kinds, IMAGE_TEXT_INPUT)
         hidden = self.decoder(tokens, kinds, packed_positions(valid), valid=valid, attributes=attributes).hidden_states
         return self.readout(hidden[:, -1])
+
+    # -------------------------------------------------------------------------------------- detection
+    def _require_detection(self) -> None:
+        if not self.has_detection:
+            raise ValueError("this model has no detection head: build it with config.detection "
+                             "(e.g. UniPerceiverConfig(detection={}) or the recipe's model.detection)")
+
+    def image_features(self, images: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Image tokens, their modality ids and the backbone maps the detection head reads (its levels)."""
+        self._require_detection()
+        tokens, kinds, maps = self.image_encoder.encode(images)
+        return tokens, kinds, [maps[level] for level in self.config.detection.levels]
+
+    def propose_regions(self, maps: list[Tensor], image_size: tuple[int, int],
+                        num_proposals: int | None = None) -> Proposals:
+        return self.region_proposer.propose(self.region_proposer(maps), image_size, num_proposals)
+
+    def region_embeddings(self, image_tokens: Tensor, image_kinds: Tensor, maps: list[Tensor], boxes: Tensor,
+                          valid: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """[SPE, image tokens, region tokens] through the decoder -> (B, K, embed_dim) one embedding per box.
+        boxes (B, K, 4) xyxy in input pixels; valid (B, K), False for padding. The regions share one position,
+        so that their order means nothing."""
+        regions = self.region_tokens(maps, boxes, image_size).to(image_tokens.dtype)
+        batch, count = boxes.shape[:2]
+        region_kinds = torch.full((batch, count), int(Modality.REGION), device=image_kinds.device)
+        tokens, kinds = self.decoder.prepend_spe(torch.cat([image_tokens, regions], 1),
+                                                 torch.cat([image_kinds, region_kinds], 1))
+        prefix = 1 + image_tokens.shape[1]
+        positions = torch.cat([torch.arange(prefix, device=tokens.device),
+                               torch.full((count,), prefix, device=tokens.device)]).expand(batch, -1)
+        valid = torch.cat([torch.ones(batch, prefix, dtype=torch.bool, device=tokens.device),
+                           valid.to(tokens.device)], dim=1)
+        attributes = decoder_attributes(self.decoder, kinds, REGION_INPUT)
+        hidden = self.decoder(tokens, kinds, positions, valid=valid, attributes=attributes).hidden_states
+        return self.readout(hidden[:, prefix:])
+
+    def category_embeddings(self, categories: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
+                            ) -> Tensor:
+        """(C, embed_dim) one embedding per category name, CATEGORY_CHUNK names per forward pass; cached per
+        (names, templates) outside training, so a list is encoded once however many pictures use it."""
+        if not categories:
+            raise ValueError("detect: no category names")
+        key = (tuple(categories), tuple(templates))
+        cached = self._category_cache.get(key)
+        if cached is not None:
+            return cached
+        names = list(categories)
+        embeddings = torch.cat([self.class_embeddings(names[i:i + CATEGORY_CHUNK], templates)
+                                for i in range(0, len(names), CATEGORY_CHUNK)])
+        if not self.training or not torch.is_grad_enabled():
+            self._category_cache = {key: embeddings.detach()}  # one list at a time: no unbounded growth
+        return embeddings
+
+    def region_logits(self, region_embeddings: Tensor, category_embeddings: Tensor) -> Tensor:
+        """(..., K, C) scaled cosine similarities of regions and category names (the `detection` family)."""
+        return self.readout.similarity(region_embeddings, category_embeddings, "detection")
+
+    @torch.no_grad()
+    def detect(self, images, categories: Sequence[str], score_threshold: float = 0.3, max_detections: int = 100,
+               templates: Sequence[str] = DEFAULT_TEMPLATES) -> list:
+        """Open-vocabulary detection: PIL pictures (any size) or a (B, 3, H, W) normalised tensor, and any list
+        of category names -> per picture a `Detections` (boxes xyxy in that picture's pixels, scores, labels
+        indexing `categories`)."""
+        from .detection import resize_for_detection, select_detections
+
+        self._require_detection()
+        size = self.config.image.image_size
+        device = next(self.parameters()).device
+        pixels, picture_sizes = resize_for_detection(images, size)
+        pixels = pixels.to(device)
+        names = self.category_embeddings(list(categories), templates)
+        tokens, kinds, maps = self.image_features(pixels)
+        proposals = self.propose_regions(maps, (size, size))
+        regions = self.region_embeddings(tokens, kinds, maps, proposals.boxes, proposals.valid, (size, size))
+        probabilities = self.region_logits(regions, names).float().softmax(dim=-1)
+        return [select_detections(proposals.boxes[i], proposals.scores[i], proposals.valid[i], probabilities[i],
+                                  (size, size), picture_sizes[i], score_threshold, max_detections)
+                for i in range(pixels.shape[0])]
 
     # ------------------------------------------------------------------------------------- captioning
     def caption_prefix(self, images: Tensor) -> tuple[Tensor, Tensor]:
