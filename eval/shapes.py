@@ -18,6 +18,8 @@ What is measured (every task ranks candidates by cosine similarity, as the model
 - captioning: greedy (or beam) captions against all of the image's captions, CIDEr-D and BLEU-4 by
   pycocoevalcap on Python-tokenised text (no Java). Their "chance" is the score of a real caption of another
   image (the references rolled by one): what a fluent captioner blind to the image gets.
+- detection (models with a detection head): `model.detect` with the shape names as categories, box AP
+  (mAP@[.5:.95]), AP50 and AP75 by pycocotools against the split's boxes; no chance level.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from .encoding import model_device, model_image_size
 from .metrics import (bleu, cider_d, exact_match_accuracy, mean_per_class_recall, ratio_to_chance,
                       retrieval_chance, retrieval_recall, topk_accuracy)
 
-TASKS = ("retrieval", "classification", "vqa", "captioning")
+TASKS = ("retrieval", "classification", "vqa", "captioning", "detection")
 CLASSIFICATION_TEMPLATES = ("a photo of a {}.",)  # = uniperceiver.model.DEFAULT_TEMPLATES
 RECALL_KS = (1, 5, 10)
 
@@ -184,10 +186,11 @@ def _captioning(model, rows, beams, batch_size, progress, device) -> tuple[dict,
 # ------------------------------------------------------------------------------------------------ the suite
 def evaluate_shapes(model, split: str = "test", dataset: Any = None, limit: int | None = None,
                     batch_size: int = 32, beams: int = 1, progress: bool = True, config=None,
-                    tasks: Sequence[str] = TASKS) -> dict[str, Any]:
+                    tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate `model` (a UniPerceiver, or anything with its encode_image / encode_text / class_embeddings /
     vqa_query / caption) on the first `limit` images (None: all) of a shapes split; see the module docstring
-    for what each metric is. `dataset`/`config`: see `resolve_shapes_data`. `tasks`: a subset of TASKS.
+    for what each metric is. `dataset`/`config`: see `resolve_shapes_data`. `tasks`: a subset of TASKS
+    (default: all, detection only for a model with a detection head).
 
     Returns {"suite", "split", "counts", "settings", "metrics", "chance", "x_chance", "examples", "seconds"}:
     "metrics", "chance" and "x_chance" (metric / chance, None where chance is 0 or unknown) share flat keys
@@ -195,6 +198,8 @@ def evaluate_shapes(model, split: str = "test", dataset: Any = None, limit: int 
     mode under torch.no_grad() and put back in the mode it came in."""
     from data_recipes.shapes import answer_list, class_names
 
+    if tasks is None:
+        tasks = [t for t in TASKS if t != "detection" or getattr(model, "has_detection", False)]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"evaluate_shapes: tasks {list(tasks)}: expected a non-empty subset of {list(TASKS)}")
@@ -227,6 +232,10 @@ def evaluate_shapes(model, split: str = "test", dataset: Any = None, limit: int 
                     metrics, chance, counts = _retrieval(model, rows, image_embeddings, batch_size, progress)
                 elif task == "classification":
                     metrics, chance, counts = _classification(model, rows, image_embeddings, names)
+                elif task == "detection":
+                    from .detection import evaluate_shapes_boxes
+                    metrics = evaluate_shapes_boxes(model, rows, config, batch_size, progress)
+                    chance, counts = dict.fromkeys(metrics), {"boxes": sum(len(o["bbox"]) for o in rows["objects"])}
                 elif task == "vqa":
                     metrics, chance, counts = _vqa(model, rows, train, answers, batch_size, progress, device)
                 else:
@@ -281,7 +290,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a shapes SPEC, e.g. 'shapes:/data/shapes?seed=1' (default: the built-in dataset; "
                              "--data FOLDER is short for shapes:FOLDER)")
     parser.add_argument("--beams", type=int, default=1, help="captioning beam size (1: greedy)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=None, choices=TASKS,
+                        help="default: all (detection when the model has a detection head)")
 
 
 def _run(model, args: argparse.Namespace, world) -> dict | None:
@@ -299,5 +309,6 @@ def _format(results: dict) -> str:
     return f"shapes [{results['split']}]: {counts}\n\n{format_table(results)}"
 
 
-register_suite(Suite("shapes", "the built-in synthetic shapes dataset: retrieval, classification, VQA, captioning",
+register_suite(Suite("shapes", "the built-in synthetic shapes dataset: retrieval, classification, VQA, captioning, "
+                     "boxes",
                      _add_arguments, _run, _format))

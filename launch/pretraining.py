@@ -81,7 +81,8 @@ def answer_texts(dataset) -> list[str]:
 
 def build_tasks(recipe: Recipe, datasets: dict[str, Any], image_size: int) -> dict[str, Any]:
     """The recipe's tasks, completed from their data where the recipe leaves a field out: the image size is the
-    model's, a ranking VQA task gets the dataset's answer list (data_recipes.shapes.answer_list for shapes)."""
+    model's, a ranking VQA task gets the dataset's answer list (data_recipes.shapes.answer_list for shapes), a
+    detection task the dataset's category names (the shapes of a shapes dataset)."""
     for entry in recipe.tasks:
         if entry.task == "vqa" and entry.kwargs.get("mode", "rank") == "rank" and "answer_list" not in entry.kwargs:
             config = shapes_config_of(entry.dataset)
@@ -93,6 +94,14 @@ def build_tasks(recipe: Recipe, datasets: dict[str, Any], image_size: int) -> di
                                  "scanned for its answers; give the answer list in the recipe")
             else:
                 entry.kwargs = {**entry.kwargs, "answer_list": answer_texts(datasets[entry.name])}
+        if entry.task == "detection" and "category_names" not in entry.kwargs:
+            config = shapes_config_of(entry.dataset)
+            names = list(config.shapes) if config is not None else getattr(
+                unwrap_dataset(datasets[entry.name]), "class_names", None)
+            if names is None:
+                raise ValueError(f"recipe tasks.{entry.name}.kwargs.category_names: the dataset does not list its "
+                                 "categories; give the category names in the recipe")
+            entry.kwargs = {**entry.kwargs, "category_names": names}
     built = recipe.build_tasks()
     for entry in recipe.tasks:
         if "image_size" not in entry.kwargs:
