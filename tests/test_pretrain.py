@@ -202,7 +202,7 @@ def test_the_tiny_recipe_learns_within_a_few_hundred_steps(tmp_path):
                             "optimizer.warmup_steps=40", "checkpoint.every_steps=0",
                             "model.image.backbone_overrides.dcn_backend=reference"] +
                            [f"tasks.{name}.eval_dataset=null" for name in ("retrieval", "classification",
-                                                                            "captioning", "vqa")])
+                                                                            "captioning", "vqa", "detection")])
     assert result["step"] == steps
     lines = step_lines(tmp_path)
 
@@ -212,6 +212,8 @@ def test_the_tiny_recipe_learns_within_a_few_hundred_steps(tmp_path):
 
     assert late_mean("retrieval", 20) < math.log(32) - 0.4
     assert late_mean("classification", 15) < math.log(6) - 0.2
+    detection = [line["loss"] for line in lines if line["task"] == "detection"]
+    assert late_mean("detection", 10) < 0.8 * sum(detection[:10]) / 10
 
 
 def test_the_run_ends_with_the_test_split_and_the_held_out_style_side_by_side(tmp_path, capsys):
@@ -229,3 +231,7 @@ def test_the_run_ends_with_the_test_split_and_the_held_out_style_side_by_side(tm
     # The same scenes, so the same words; the same prior, so the same question-only baseline.
     assert shifted["metrics"]["vqa/blind_baseline"] == test["metrics"]["vqa/blind_baseline"]
     assert set(result["eval"]["styles"]) == {"test", "test, shifted style"}
+    # The recipe's model detects, so both columns hold box AP by pycocotools.
+    for metrics in (test["metrics"], shifted["metrics"]):
+        assert {"detection/AP", "detection/AP50", "detection/AP75"} <= set(metrics)
+    assert "| detection/AP50 |" in printed

@@ -256,15 +256,16 @@ def test_tiny_recipe_loads():
 
     recipe = load_recipe("tiny")
     assert recipe.name == "tiny" and recipe.steps > 0
-    assert recipe.task_names == ["retrieval", "classification", "captioning", "vqa"]
+    assert recipe.task_names == ["retrieval", "classification", "captioning", "vqa", "detection"]
     assert all(16 <= t.batch_size <= 32 for t in recipe.tasks)
     assert sum(recipe.sampling_ratios().values()) == pytest.approx(1.0)
     assert recipe.optimizer.name == "adamw" and recipe.optimizer.warmup_steps > 0
     assert recipe.deepspeed.zero_stage == 0
     # The tests' tiny model, with the recipe's wider backbone, finer patch tokens and deeper decoder.
     backbone = {"channels": 24, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0}
+    detection = {"levels": [1, 2, 3], "width": 32, "depth": 1, "num_proposals": 8, "pre_nms_top_k": 100}
     assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1], "backbone_overrides": backbone},
-                                                decoder={"depth": 4})
+                                                decoder={"depth": 4}, detection=detection)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.sampler().task_at(5) == recipe.sampler().task_at(5)
     built = recipe.build_tasks()
