@@ -20,7 +20,8 @@ separate family that training never sees, `style="shifted"`, measures what carri
   star; a relation holds when one box lies wholly on that side of the other ("left of": it ends before the
   other begins), and "where is ...?" only when exactly one relation holds. Answers come from `answer_list`.
 - `objects` are COCO-style: bbox [x, y, w, h] in pixels, category = index of the shape in `config.shapes`,
-  which is also the id in `coco_categories(config)`.
+  which is also the id in `coco_categories(config)`, and colour = index of the colour word in `config.colours`
+  (what open-vocabulary detection of "red circle" and the like is scored against).
 
 Every word comes from `data_recipes.text_corpus`, the corpus the built-in tokenizer is trained on.
 """
@@ -46,7 +47,7 @@ from .text_corpus import (CAPTION_TEMPLATES, COLOURS, COUNT_WORDS, MAX_SHAPES, P
                           SHAPES, YES_NO, count_phrase, describe, join_phrases)
 
 # Bump when a change here changes the data: cached builds are keyed by it (and by the config).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SPLITS = ("train", "val", "test")
 # Hexagons are left out by default: at 64 pixels a small one is hard to tell from a circle.
 DEFAULT_SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -280,7 +281,8 @@ def scene_annotations(scene: Scene, rng: random.Random, config: ShapesConfig | N
     label = config.colours.index(largest.colour) if config.label == "colour" else largest.category
     body = caption_body(scene)
     return {"captions": [template.format(body) for template in CAPTION_TEMPLATES], "qa": qa, "label": label,
-            "objects": {"bbox": [list(o.box) for o in objects], "category": [o.category for o in objects]}}
+            "objects": {"bbox": [list(o.box) for o in objects], "category": [o.category for o in objects],
+                        "colour": [config.colours.index(o.colour) for o in objects]}}
 
 
 def class_names(config: ShapesConfig | None = None) -> list[str]:
@@ -363,7 +365,8 @@ def features(config: ShapesConfig | None = None):
         "qa_types": List(Value("string")),
         "label": ClassLabel(names=class_names(config)),
         "objects": {"bbox": List(List(Value("float32"), length=4)),
-                    "category": List(ClassLabel(names=list(config.shapes)))},
+                    "category": List(ClassLabel(names=list(config.shapes))),
+                    "colour": List(ClassLabel(names=list(config.colours)))},
     })
 
 

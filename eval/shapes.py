@@ -19,7 +19,9 @@ What is measured (every task ranks candidates by cosine similarity, as the model
   pycocoevalcap on Python-tokenised text (no Java). Their "chance" is the score of a real caption of another
   image (the references rolled by one): what a fluent captioner blind to the image gets.
 - detection (models with a detection head): `model.detect` with the shape names as categories, box AP
-  (mAP@[.5:.95]), AP50 and AP75 by pycocotools against the split's boxes; no chance level.
+  (mAP@[.5:.95]), AP50 and AP75 by pycocotools against the split's boxes; then with the 30 colour-and-shape
+  phrases ("red circle"), which detection never trains on, AP and AP50 (phrases_AP, phrases_AP50). No chance
+  level.
 """
 from __future__ import annotations
 

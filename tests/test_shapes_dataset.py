@@ -98,7 +98,8 @@ def test_boxes_are_tight_and_match_the_rendered_objects(style):
     seen_sizes, seen_counts, looks = {"small": set(), "large": set()}, Counter(), Counter()
     for scene, image, notes in _examples(config):
         assert notes["objects"] == {"bbox": [list(o.box) for o in scene.objects],
-                                    "category": [config.shapes.index(o.shape) for o in scene.objects]}
+                                    "category": [config.shapes.index(o.shape) for o in scene.objects],
+                                    "colour": [config.colours.index(o.colour) for o in scene.objects]}
         assert scene.look.style == style
         looks[scene.look.background] += 1
         seen_counts[len(scene.objects)] += 1
