@@ -263,7 +263,8 @@ def test_tiny_recipe_loads():
     assert recipe.deepspeed.zero_stage == 0
     # The tests' tiny model, with the recipe's wider backbone, finer patch tokens and deeper decoder.
     backbone = {"channels": 24, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0}
-    detection = {"levels": [1, 2, 3], "width": 32, "depth": 1, "num_proposals": 8, "pre_nms_top_k": 100}
+    detection = {"levels": [0, 1, 2, 3], "width": 64, "depth": 2, "roi_size": 7, "num_proposals": 8,
+                 "pre_nms_top_k": 100}
     assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1], "backbone_overrides": backbone},
                                                 decoder={"depth": 4}, detection=detection)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
