@@ -28,12 +28,13 @@ from torchvision.ops import batched_nms, box_iou, generalized_box_iou_loss, roi_
 
 @dataclass
 class RegionConfig:
-    """levels: backbone stages the proposal network reads (InternImage: 0..3 = strides 4/8/16/32);
+    """levels: backbone stages the proposal network reads (InternImage: 0..3 = strides 4/8/16/32; small objects
+    are told apart on the stride-4 map, see docs/shapes-world.md);
     width / depth: channels and conv layers of its tower; num_proposals: regions per image kept after NMS;
     pre_nms_top_k: locations scored before NMS; nms_iou: the NMS threshold; centre_radius: in strides;
     size_per_level: level i takes boxes whose longer side lies in (size x stride_{i-1}, size x stride_i];
     roi_size: RoI-align output side; box_frequencies: sine-cosine frequencies per box coordinate."""
-    levels: tuple[int, ...] = (1, 2, 3)
+    levels: tuple[int, ...] = (0, 1, 2, 3)
     width: int = 64
     depth: int = 2
     num_proposals: int = 16
@@ -41,7 +42,7 @@ class RegionConfig:
     nms_iou: float = 0.6
     centre_radius: float = 1.5
     size_per_level: float = 4.0
-    roi_size: int = 4
+    roi_size: int = 7
     box_frequencies: int = 8
 
     def __post_init__(self):
