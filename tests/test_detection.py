@@ -262,3 +262,50 @@ def test_coco_detection_suite_writes_metrics_and_coco_results_with_the_files_ids
     assert "| detection/AP50 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--data ROOT"):
         main(["coco_detection", "--model", str(export)])
+
+
+class GroundTruthDetector:
+    """Answers `detect` with the fixture's own boxes, picture by picture in the order asked."""
+    has_detection = True
+
+    def __init__(self, dataset):
+        self.samples = [dataset[i] for i in range(len(dataset))]
+
+    def detect(self, pictures, categories, score_threshold, max_detections):
+        from tasks.detection import coco_to_xyxy
+        from uniperceiver.detection import Detections
+
+        found = []
+        for _ in pictures:
+            sample = self.samples.pop(0)
+            boxes = coco_to_xyxy(sample.boxes)
+            labels = torch.tensor([categories.index(name) for name in sample.categories], dtype=torch.long)
+            found.append(Detections(boxes, torch.ones(len(labels)), labels))
+        return found
+
+
+def test_the_suite_gives_a_ground_truth_detector_ap_1_and_equals_pycocotools_called_directly(model, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from data_recipes.formats import open_dataset
+    from eval.detection import evaluate_boxes
+    from eval.distributed import EvalWorld
+
+    annotations = write_coco_fixture(tmp_path / "coco")
+    dataset = open_dataset(f"coco_instances:{tmp_path / 'coco'}?split=val")
+    oracle = evaluate_boxes(GroundTruthDetector(dataset), dataset, EvalWorld(), batch_size=2, progress=False)
+    assert oracle["metrics"]["detection/AP"] == pytest.approx(1.0)
+    assert oracle["metrics"]["detection/AP50"] == pytest.approx(1.0)
+    # the tiny model's detections, scored by the suite and by pycocotools on the annotation file itself
+    results = evaluate_boxes(model, dataset, EvalWorld(), batch_size=2, progress=False, score_threshold=0.0)
+    ground_truth = COCO(str(annotations))
+    ground_truth.dataset.setdefault("info", {})
+    evaluator = COCOeval(ground_truth, ground_truth.loadRes(results["predictions"]), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    direct = dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), evaluator.stats[:6]))
+    direct["AR@100"] = evaluator.stats[8]
+    assert {key: pytest.approx(value) for key, value in direct.items()} == {
+        key.split("/")[1]: value for key, value in results["metrics"].items()}
