@@ -1,6 +1,6 @@
-"""OUTPUT/examples.png: test pictures of the shapes data with what the trained model says about them (its caption
-and its answers to a few questions, beside the truth), so that a run can be judged by eye as well as by the
-numbers of eval_test.json. Drawn with PIL alone (its built-in bitmap font: no font files, no download)."""
+"""OUTPUT/examples.png: test pictures of the shapes data with what the trained model says about them (its caption,
+its answers to a few questions beside the truth, and the boxes it detects, drawn on the picture with their names),
+so that a run can be judged by eye as well as by the numbers of eval_test.json. Drawn with PIL alone (its built-in bitmap font: no font files, no download)."""
 from __future__ import annotations
 
 import math
@@ -24,6 +24,8 @@ NEUTRAL = (0, 0, 0)
 TRUTH = (90, 90, 90)
 RIGHT = (0, 130, 0)
 WRONG = (200, 0, 0)
+BOX = (255, 0, 255)    # detected boxes: magenta reads on dark and light backgrounds alike
+BOX_THRESHOLD = 0.3    # the score a detection needs to be drawn (`UniPerceiver.detect`'s default)
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Example:
     true_caption: str
     captions: list[str] = field(default_factory=list)
     qa: list[tuple[str, str, str]] = field(default_factory=list)
+    boxes: list[tuple[tuple[float, float, float, float], str]] = field(default_factory=list)  # xyxy, name
 
 
 def _pick_questions(questions: Sequence[str], answers: Sequence[str], types: Sequence[str] | None,
@@ -53,11 +56,14 @@ def _pick_questions(questions: Sequence[str], answers: Sequence[str], types: Seq
 
 
 def collect_examples(model, rows, answers: Sequence[str], count: int = 12, questions_per_image: int = 3,
-                     batch_size: int = 16) -> list[Example]:
-    """What `model` says about the first `count` pictures of `rows` (a shapes split): its caption of each and
-    its answers, ranked from the candidates `answers`, to up to `questions_per_image` of its questions.
+                     batch_size: int = 16, categories: Sequence[str] | None = None) -> list[Example]:
+    """What `model` says about the first `count` pictures of `rows` (a shapes split): its caption of each, its
+    answers, ranked from the candidates `answers`, to up to `questions_per_image` of its questions, and, for a
+    model with a detection head and given `categories`, the boxes it finds scoring at least BOX_THRESHOLD.
     Runs in eval mode under torch.no_grad() and puts the model back in the mode it came in, since this is
     called on models that may go on training."""
+    from torchvision.ops import nms
+
     from eval.encoding import model_device, model_image_size
     from tasks.base import stack_images
 
@@ -72,6 +78,8 @@ def collect_examples(model, rows, answers: Sequence[str], count: int = 12, quest
     size, device = model_image_size(model, default=64), model_device(model)
     captions: list[str] = []
     predicted: list[str] = []
+    detected: list[list] = [[] for _ in range(count)]
+    detects = bool(categories) and getattr(model, "has_detection", False)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -85,6 +93,13 @@ def collect_examples(model, rows, answers: Sequence[str], count: int = 12, quest
                     questions = [q for pairs in chosen[start:stop] for q, _ in pairs]
                     picked = images[torch.tensor(owners, device=images.device)]
                     predicted += list(model.answer(picked, questions, list(answers)))
+                if detects:
+                    for i, found in enumerate(model.detect(pictures[start:stop], list(categories), BOX_THRESHOLD)):
+                        # one name per object on the picture: detect keeps a box's runner-up names too (AP counts
+                        # them), which would stack labels on one shape
+                        keep = nms(found.boxes, found.scores, 0.3).tolist()
+                        detected[start + i] = [(tuple(found.boxes[k].tolist()), categories[int(found.labels[k])])
+                                               for k in keep]
     finally:
         model.train(was_training)
     examples, position = [], 0
@@ -94,7 +109,8 @@ def collect_examples(model, rows, answers: Sequence[str], count: int = 12, quest
             qa.append((question, predicted[position], truth))
             position += 1
         references = list(data["captions"][i])
-        examples.append(Example(pictures[i], captions[i], references[0] if references else "", references, qa))
+        examples.append(Example(pictures[i], captions[i], references[0] if references else "", references, qa,
+                                detected[i]))
     return examples
 
 
@@ -191,7 +207,13 @@ def draw_examples_grid(examples: Sequence[Example], image_scale: int = 3, column
         draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=CELL)
         picture = example.picture.resize((example.picture.width * image_scale, example.picture.height * image_scale),
                                          Image.Resampling.NEAREST)
-        grid.paste(picture, (x + (cell_w - picture.width) // 2, y + PADDING))
+        left = x + (cell_w - picture.width) // 2
+        grid.paste(picture, (left, y + PADDING))
+        for (x0, y0, x1, y1), name in example.boxes:
+            box = [left + x0 * image_scale, y + PADDING + y0 * image_scale,
+                   left + x1 * image_scale, y + PADDING + y1 * image_scale]
+            draw.rectangle(box, outline=BOX, width=2)
+            draw.text((box[0] + 2, box[1] + 1), _drawable(name, font), fill=BOX, font=font)
         top = y + PADDING + picture_h + PADDING
         for text, colour in _cell_texts(example):
             for line in _wrap(draw, text, font, text_w):
@@ -202,15 +224,16 @@ def draw_examples_grid(examples: Sequence[Example], image_scale: int = 3, column
 
 def write_examples_grid(model, rows, path: str | Path, answers: Sequence[str], count: int = 12,
                         questions_per_image: int = 3, image_scale: int = 3, columns: int = 4,
-                        batch_size: int = 16) -> Path:
+                        batch_size: int = 16, categories: Sequence[str] | None = None) -> Path:
     """Writes the PNG grid of what `model` (a UniPerceiver) says about the first `count` pictures of `rows` (a
     shapes split: image, captions, questions, answers, qa_types), VQA answers ranked from `answers`
-    (`data_recipes.shapes.answer_list(config)`). The file is written whole by a rename, so a crash never leaves
+    (`data_recipes.shapes.answer_list(config)`), boxes named from `categories` (the shapes) for a model that
+    detects. The file is written whole by a rename, so a crash never leaves
     a torn PNG in the run folder. Returns `path`."""
     from .training.files import atomic_write
 
     path = Path(path)
-    examples = collect_examples(model, rows, answers, count, questions_per_image, batch_size)
+    examples = collect_examples(model, rows, answers, count, questions_per_image, batch_size, categories)
     grid = draw_examples_grid(examples, image_scale, columns, questions_per_image)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: grid.save(f, format="PNG"))
@@ -234,6 +257,7 @@ def write_run_examples(recipe, export: str | Path, output: str | Path,
 
     rows, _, config = resolve_shapes_data("test", spec)
     model = UniPerceiver.from_pretrained(export).to(device or "cpu")
+    options.setdefault("categories", list(config.shapes))
     path = write_examples_grid(model, rows, Path(output) / EXAMPLES_FILE, answer_list(config), **options)
     print(f"examples of the test split: {path}")
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 _TASKS: dict[str, type["Task"]] = {}
@@ -67,6 +68,19 @@ def stack_images(images: Sequence[Any], image_size: int = 224) -> Tensor:
     if len(shapes) > 1:
         raise ValueError(f"stack_images: images of different shapes {sorted(shapes)}; resize them first")
     return torch.stack(out)
+
+
+def mean_count_over_ranks(count: Tensor) -> Tensor:
+    """This rank's number of loss terms, replaced by the mean number per rank when training distributed. A rank's
+    sum of terms divided by it makes the gradients the ranks average (and the losses averaged over them) those of
+    the mean over every term of the global batch, as one process with the whole batch computes them; a per-rank
+    mean would weigh a rank's terms by 1 / its own count. Not reduced outside autograd (evaluation, inference)."""
+    count = count.detach().float()
+    if torch.is_grad_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count
 
 
 def require_fields(samples: Sequence[dict[str, Any]], keys: Sequence[str], task: str) -> None:

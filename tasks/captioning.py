@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Task, register_task, require_fields, stack_images
+from .base import Task, mean_count_over_ranks, register_task, require_fields, stack_images
 
 
 def caption_vocabulary(tokenizer, captions: Iterable[str]) -> list[int]:
@@ -41,12 +40,7 @@ def caption_loss(logits: Tensor, word_indices: Tensor, lengths: Tensor, label_sm
     targets = word_indices.masked_fill(~real.to(word_indices.device), -100)
     total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
                             label_smoothing=label_smoothing, reduction="sum")
-    count = real.sum().to(total.dtype)
-    if torch.is_grad_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        count = count.detach().clone()
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return total / count.clamp(min=1)
+    return total / mean_count_over_ranks(real.sum()).to(total.dtype).clamp(min=1)
 
 
 @register_task("captioning")

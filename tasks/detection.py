@@ -23,7 +23,7 @@ from uniperceiver.detection import resize_for_detection
 from uniperceiver.model import DEFAULT_TEMPLATES
 from uniperceiver.region_proposals import match_regions
 
-from .base import Task, register_task, require_fields
+from .base import Task, mean_count_over_ranks, register_task, require_fields
 
 LOSS_WEIGHTS = {"objectness": 1.0, "giou": 2.0, "l1": 1.0, "centreness": 1.0, "classification": 1.0}
 
@@ -110,7 +110,7 @@ class DetectionTask(Task):
         targets = [boxes.to(images.device) for boxes in batch["boxes"]]
         tokens, kinds, maps = model.image_features(images)
         dense = model.region_proposer(maps)
-        parts = model.region_proposer.losses(dense, targets)
+        parts = model.region_proposer.losses(dense, targets, normalise=mean_count_over_ranks)
         proposals = model.region_proposer.propose(dense, size)
         regions = [torch.cat([gt, boxes[valid]]) for gt, boxes, valid in
                    zip(targets, proposals.boxes, proposals.valid)]
@@ -126,9 +126,10 @@ class DetectionTask(Task):
             picked.append(logits[i][matched])
             labels.append(gt_labels.to(images.device)[which[matched]])
         picked = torch.cat(picked)
-        parts["classification"] = (F.cross_entropy(picked.float(), torch.cat(labels),
-                                                   label_smoothing=self.label_smoothing)
-                                   if len(picked) else logits.sum() * 0.0)
+        named = mean_count_over_ranks(torch.tensor(float(len(picked)), device=picked.device)).clamp(min=1)
+        total = F.cross_entropy(picked.float(), torch.cat(labels), label_smoothing=self.label_smoothing,
+                                reduction="sum") if len(picked) else logits.sum() * 0.0
+        parts["classification"] = total / named  # per named region of the global batch, as for the positives
         return {name: value * self.loss_weights[name] for name, value in parts.items()}
 
     def loss(self, model, batch: dict[str, Any]) -> Tensor:

@@ -165,3 +165,39 @@ def test_write_run_examples_opens_the_test_split_the_recipe_trains_on(model, sha
     none = SimpleNamespace(tasks=[SimpleNamespace(dataset="coco:/nowhere?split=train")])
     assert write_run_examples(none, export, tmp_path / "other") is None
     assert "skipped" in capsys.readouterr().out and not (tmp_path / "other").exists()
+
+
+def test_detected_boxes_are_drawn_on_the_pictures_with_their_names(shapes, tmp_path, monkeypatch):
+    from uniperceiver import UniPerceiver, tiny_config
+    from uniperceiver.detection import Detections
+
+    detector = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
+                                        detection={"levels": [1, 2, 3], "width": 16, "depth": 1}))
+    fake(monkeypatch, detector, "a zebra")
+    asked, drawn = [], []
+
+    def detect(shown, categories, score_threshold):
+        asked.append((len(shown), list(categories), score_threshold))
+        return [Detections(torch.tensor([[8.0, 8.0, 40.0, 40.0]]), torch.tensor([0.9]), torch.tensor([1]))
+                for _ in shown]
+
+    original = ImageDraw.ImageDraw.text
+
+    def text(self, xy, line, *args, **kwargs):
+        drawn.append((line, kwargs.get("fill")))
+        return original(self, xy, line, *args, **kwargs)
+
+    monkeypatch.setattr(detector, "detect", detect)
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    with_boxes = pixels(write_examples_grid(detector, shapes.rows, tmp_path / "boxes.png", shapes.answers, count=2,
+                                            questions_per_image=1, categories=["circle", "square"]))
+    assert asked == [(2, ["circle", "square"], pictures.BOX_THRESHOLD)]
+    assert [line for line, fill in drawn if fill == pictures.BOX] == ["square", "square"]
+    plain = pixels(write_examples_grid(detector, shapes.rows, tmp_path / "plain.png", shapes.answers, count=2,
+                                       questions_per_image=1))
+    assert len(asked) == 1  # no categories, no detection
+
+    def magenta(image):
+        return int(((image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] > 200)).sum())
+    # two boxes of 32 x 32 model pixels, drawn 3x enlarged with a 2-pixel outline
+    assert magenta(plain) == 0 and magenta(with_boxes) > 2 * 4 * 90 * 2

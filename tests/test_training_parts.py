@@ -328,7 +328,8 @@ def test_schedule_warms_up_then_decays_to_the_floor_and_honours_lr_scale():
     ("optimizer.learning_rate=1", r"unknown key 'optimizer.learning_rate'; valid keys under 'optimizer': \[.*'lr'"),
     ("tasks.captioning.batchsize=8", r"unknown key 'tasks.captioning.batchsize'; valid keys under "
                                      r"'tasks.captioning': \[.*'batch_size'"),
-    ("tasks.detection.ratio=1", r"unknown key 'tasks.detection': no task named 'detection'; tasks: \['retrieval'"),
+    ("tasks.segmentation.ratio=1", r"unknown key 'tasks.segmentation': no task named 'segmentation'; tasks: "
+                                   r"\['retrieval'"),
     ("steps.x=1", r"'steps' is an integer; it has no key 'x'"),
     ("steps", "expected KEY=VALUE"),
 ])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,13 +153,16 @@ class RegionProposalNetwork(nn.Module):
         best_area, best = areas.min(dim=1)
         return torch.where(torch.isfinite(best_area), best, torch.full_like(best, -1))
 
-    def losses(self, predictions: DensePredictions, targets: Sequence[Tensor]) -> dict[str, Tensor]:
+    def losses(self, predictions: DensePredictions, targets: Sequence[Tensor],
+               normalise: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
         """Proposal losses against each image's ground-truth boxes (M_i, 4) xyxy in input pixels:
         objectness (sigmoid focal over every location), and on the positive locations GIoU and L1 of the
-        boxes (L1 in strides) and centre-ness (binary cross-entropy). Each is a mean over the batch's positives."""
+        boxes (L1 in strides) and centre-ness (binary cross-entropy). Each is a sum divided by the number of
+        positives, or by `normalise(number)` (distributed training: the mean number over the ranks)."""
         assigned = [self.assign(predictions, boxes.to(predictions.points)) for boxes in targets]
         positive = torch.stack([a >= 0 for a in assigned])                      # (B, N)
-        count = positive.sum().clamp(min=1).float()
+        count = positive.sum().float()
+        count = (normalise(count) if normalise is not None else count).clamp(min=1).to(predictions.objectness.dtype)
         objectness = sigmoid_focal_loss(predictions.objectness, positive.to(predictions.objectness.dtype),
                                         reduction="sum") / count
         matched = torch.cat([boxes.to(predictions.points)[a[a >= 0]] for boxes, a in zip(targets, assigned)])
