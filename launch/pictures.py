@@ -1,6 +1,7 @@
 """OUTPUT/examples.png: test pictures of the shapes data with what the trained model says about them (its caption,
-its answers to a few questions beside the truth, and the boxes it detects, drawn on the picture with their names),
-so that a run can be judged by eye as well as by the numbers of eval_test.json. Drawn with PIL alone (its built-in bitmap font: no font files, no download)."""
+its answers to a few questions beside the truth, and the boxes it detects, drawn on the picture with their
+names), so that a run can be judged by eye as well as by the numbers of eval_test.json. Drawn with PIL alone
+(its built-in bitmap font: no font files, no download)."""
 from __future__ import annotations
 
 import math

@@ -93,6 +93,11 @@ class DetectionTask(Task):
             if len(sample["boxes"]) != len(sample["categories"]):
                 raise ValueError(f"task 'detection': sample {i} has {len(sample['boxes'])} boxes and "
                                  f"{len(sample['categories'])} categories")
+            crowd = [int(flag) for flag in (sample.get("iscrowd") or [0] * len(sample["boxes"]))]
+            if any(crowd):  # a COCO crowd region covers many objects at once: not a target box (as usual for COCO)
+                kept = [k for k, flag in enumerate(crowd) if not flag]
+                sample = {**sample, "boxes": [sample["boxes"][k] for k in kept],
+                          "categories": [sample["categories"][k] for k in kept]}
             unknown = [name for name in sample["categories"] if name not in index]
             if unknown:
                 raise ValueError(f"task 'detection': sample {i} has categories {unknown} outside the task's "

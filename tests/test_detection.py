@@ -189,6 +189,9 @@ def test_format_batch_resizes_boxes_with_the_pictures_and_names_bad_categories()
     batch = task.format_batch([sample])
     assert batch["images"].shape == (1, 3, 32, 32) and batch["sizes"] == [(128, 64)]
     assert batch["boxes"][0].tolist() == [[4.0, 4.0, 20.0, 20.0]] and batch["labels"][0].tolist() == [1]
+    crowd = task.format_batch([{**sample, "boxes": [[8, 16, 32, 64], [0, 0, 64, 128]],
+                                "categories": ["star", "circle"], "iscrowd": [0, 1]}])
+    assert crowd["boxes"][0].tolist() == [[4.0, 4.0, 20.0, 20.0]] and crowd["labels"][0].tolist() == [1]
     with pytest.raises(ValueError, match=r"sample 0 has categories \['square'\]"):
         task.format_batch([{**sample, "categories": ["square"]}])
     with pytest.raises(KeyError, match="lacks \\['boxes'\\]"):
