@@ -147,7 +147,7 @@ def evaluate_shapes_boxes(model, rows, config, batch_size: int = 16, progress: b
 
     pictures = rows["image"]
     metrics = {}
-    phrases = phrases and len(rows) > 0 and rows[0]["objects"].get("colour") is not None  # older builds: none
+    phrases = phrases and "colour" in rows.features["objects"]  # builds before generator 3 have none
     for phrased in (False, True) if phrases else (False,):
         categories = colour_shape_categories(config) if phrased else coco_categories(config)
         names, ids = [c["name"] for c in categories], [c["id"] for c in categories]

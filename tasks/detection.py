@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from uniperceiver.detection import resize_for_detection
+from uniperceiver.detection import resize_for_detection, scale_boxes
 from uniperceiver.model import DEFAULT_TEMPLATES
 from uniperceiver.region_proposals import match_regions
 
@@ -81,15 +81,14 @@ class DetectionTask(Task):
         names = list(self.category_names) if self.category_names is not None else list(
             dict.fromkeys(name for sample in samples for name in sample["categories"]))
         index = {name: i for i, name in enumerate(names)}
-        images, sizes = [], []
-        for sample in samples:
+        model_size = (self.image_size, self.image_size)
+        images, sizes, boxes, labels = [], [], [], []
+        for i, sample in enumerate(samples):
             image = sample["image"]
             pixels, (size,) = resize_for_detection(image[None] if isinstance(image, Tensor) else [image],
                                                    self.image_size)
             images.append(pixels[0])
             sizes.append(size)
-        boxes, labels = [], []
-        for i, (sample, size) in enumerate(zip(samples, sizes)):
             if len(sample["boxes"]) != len(sample["categories"]):
                 raise ValueError(f"task 'detection': sample {i} has {len(sample['boxes'])} boxes and "
                                  f"{len(sample['categories'])} categories")
@@ -102,8 +101,7 @@ class DetectionTask(Task):
             if unknown:
                 raise ValueError(f"task 'detection': sample {i} has categories {unknown} outside the task's "
                                  f"{len(names)} category_names")
-            scale = torch.tensor([self.image_size / size[1], self.image_size / size[0]] * 2)
-            boxes.append(coco_to_xyxy(sample["boxes"]) * scale)
+            boxes.append(scale_boxes(coco_to_xyxy(sample["boxes"]), size, model_size))
             labels.append(torch.tensor([index[name] for name in sample["categories"]], dtype=torch.long))
         return {"images": torch.stack(images), "boxes": boxes, "labels": labels, "category_names": names,
                 "sizes": sizes}
@@ -146,5 +144,5 @@ class DetectionTask(Task):
                                   self.max_detections, self.templates)
         size = tuple(batch["images"].shape[-2:])
         for item, picture in zip(detections, batch["sizes"]):  # back to each picture's own pixels
-            item.boxes = item.boxes * torch.tensor([picture[1] / size[1], picture[0] / size[0]] * 2)
+            item.boxes = scale_boxes(item.boxes, size, picture)
         return detections

@@ -11,10 +11,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.ops import batched_nms
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -48,7 +47,7 @@ def resize_for_detection(images: Tensor | Sequence[Any], size: int) -> tuple[Ten
     if len(images) == 0:
         raise ValueError("detect: no images")
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                                    transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     batch, sizes = [], []
     for i, image in enumerate(images):
         if not hasattr(image, "convert"):
