@@ -48,6 +48,6 @@ def list_suites() -> list[str]:
 
 
 # Importing a suite module registers it.
-from . import benchmarks, detection, shapes  # noqa: E402,F401
+from . import benchmarks, detection, shapes, text_to_image  # noqa: E402,F401
 
 __all__ = ["Suite", "get_suite", "list_suites", "register_suite"]

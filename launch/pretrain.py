@@ -11,7 +11,8 @@ Every step trains ONE task on every rank (unmixed sampling, drawn from (seed, st
 deterministic per-task stream, so a resumed run repeats the uninterrupted one exactly (on a CPU, bit for bit).
 OUTPUT (recipe.output_dir, or --output) receives run.json, recipe.yaml, checkpoints/step_XXXXXX/ (each with an
 export/ that `UniPerceiver.from_pretrained` loads), export/ (the newest), log.jsonl, tb/, loss_curve.png,
-eval_test.json and examples.png (test pictures with the model's captions and answers). A folder that holds
+eval_test.json and examples.png (test pictures with the model's captions and answers), and for a model with the
+diffusion branch eval_text_to_image.json and samples.png (generated pictures, prompts by seeds). A folder that holds
 another run is refused unless --resume or --overwrite says what to do.
 SIGTERM (or a first Ctrl-C) finishes the current step, checkpoints and exits 0.
 """

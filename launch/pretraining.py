@@ -264,6 +264,8 @@ def train_step(trainer: Trainer) -> dict[str, Any]:
     dtype = trainer.runner.compute_dtype
     outcome = trainer.runner.step(lambda: _to_device(trainer.streams[name].next_batch(), runtime.device, dtype),
                                   lambda forward, batch: forward(task, batch), weight=1.0 if tbgn else entry.loss_weight)
+    if outcome.finite and getattr(task, "family", "") == "diffusion":
+        trainer.model.diffusion.update_ema()  # the averaged weights follow the branch's own steps
     trainer.step += 1
     samples = entry.batch_size * recipe.deepspeed.gradient_accumulation_steps * runtime.world_size
     return {"step": trainer.step, "task": name, "loss": outcome.loss, "lr": lr, "outcome": outcome,
@@ -341,7 +343,23 @@ def zero_shot_evaluation(recipe: Recipe, export: Path, output: Path, progress: b
         atomic_json(output / "eval_test_shifted.json", results["test, shifted style"])
     counts = ", ".join(f"{v} {k}" for k, v in results["test"].get("counts", {}).items())
     print(f"\nzero-shot evaluation, shapes [test]: {counts}; value (x chance)\n\n{format_side_by_side(results)}")
-    return results["test"] if len(results) == 1 else {**results["test"], "styles": results}
+    summary = results["test"] if len(results) == 1 else {**results["test"], "styles": results}
+    if model.has_diffusion:
+        summary["text_to_image"] = text_to_image_evaluation(model, test, config, output, progress)
+    return summary
+
+
+def text_to_image_evaluation(model, test, config, output: Path, progress: bool) -> dict[str, Any]:
+    """The `text_to_image` suite, judged by the model itself: OUTPUT/eval_text_to_image.json and samples.png."""
+    from eval.text_to_image import evaluate_text_to_image, format_results
+
+    from .training.files import atomic_json
+
+    results = evaluate_text_to_image(model, config=config, rows=test, grid=output / "samples.png", progress=progress)
+    atomic_json(output / "eval_text_to_image.json", results)
+    counts = ", ".join(f"{v} {k}" for k, v in results["counts"].items())
+    print(f"\ntext to image, judged by the model itself ({counts}):\n\n{format_results(results)}")
+    return results
 
 
 def shapes_test_spec(recipe: Recipe) -> str | None:

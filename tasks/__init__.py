@@ -2,6 +2,6 @@
 from .base import Task, get_task, list_tasks, register_task, stack_images
 
 # Importing a task module registers it.
-from . import captioning, classification, detection, retrieval, vqa  # noqa: E402,F401
+from . import captioning, classification, detection, retrieval, text_to_image, vqa  # noqa: E402,F401
 
 __all__ = ["Task", "get_task", "list_tasks", "register_task", "stack_images"]

@@ -9,6 +9,7 @@ Sequences (see DESIGN.md and notes/uniperceiver-family.md):
 - caption:    [SPE, image tokens, words, one SPE query per word]    -> query j output, vs the vocabulary
 - open VQA:   [SPE, image tokens, question states, words, queries] -> as caption, conditioned on the question
 - detection:  [SPE, image tokens, region tokens]                    -> each region's output, vs category names
+- text-to-image: [SPE, text-encoder states] -> every output state, read by the diffusion branch's cross-attention
 Caption words enter the decoder as single-token features (each vocabulary token encoded alone by the text
 encoder), the same features that represent the vocabulary as candidates: a contextual encoding of the whole
 caption would let word j leak into the states of the words before it.
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from .attributes import (IMAGE_INPUT, IMAGE_TEXT_INPUT, REGION_INPUT, TEXT_CANDIDATE, WORD_CANDIDATE,
                          SequenceRole, caption_causal_span, decoder_attributes)
 from .decoder import DecoderConfig, Modality, SharedDecoder
+from .diffusion import DiffusionBranch, DiffusionConfig
 from .generation import packed_positions
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .masks import padded_caption_attention_mask
@@ -38,6 +40,7 @@ from .text_encoder import TextEncoder, TextEncoderConfig
 
 ARCHITECTURE = "UniPerceiver"
 CONFIG_FILE, WEIGHTS_FILE, TEXT_FOLDER = "config.json", "model.safetensors", "text_model"
+DIFFUSION_FOLDER = "diffusion"  # diffusers' own files of the text-to-image branch: unet/, scheduler/ (vae/)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CATEGORY_CHUNK = 256  # category names encoded per forward pass (an LVIS list of 1,203 takes five)
 
@@ -53,6 +56,7 @@ class UniPerceiverConfig:
     caption_vocab: list[int] | None = None  # candidate token ids for captioning; None = every non-special token
     max_caption_length: int = 20
     detection: RegionConfig | None = None  # the region-proposal head; None: a model without detection
+    diffusion: DiffusionConfig | None = None  # the text-to-image branch; None: a model without it
 
     def __post_init__(self):
         for name, kind in (("image", ImageEncoderConfig), ("text", TextEncoderConfig), ("decoder", DecoderConfig)):
@@ -61,6 +65,8 @@ class UniPerceiverConfig:
                 setattr(self, name, _from_dict(kind, value, f"config.{name}"))
         if isinstance(self.detection, dict):
             self.detection = _from_dict(RegionConfig, self.detection, "config.detection")
+        if isinstance(self.diffusion, dict):
+            self.diffusion = _from_dict(DiffusionConfig, self.diffusion, "config.diffusion")
         self.families = tuple(self.families)
         self.text.width = self.decoder.width  # text states enter the decoder directly
 
@@ -93,6 +99,22 @@ def tiny_config(**overrides) -> UniPerceiverConfig:
     return UniPerceiverConfig.from_dict(base)
 
 
+def _save_weights(model: nn.Module, path: Path, left_out: set[str]) -> None:
+    """safetensors' save_model (which drops the duplicate names of tied weights), without the keys `left_out`."""
+    from safetensors.torch import save_file, save_model
+    if not left_out:
+        save_model(model, str(path))
+        return
+    from safetensors.torch import _remove_duplicate_names  # what save_model does about tied weights
+    state = {key: value for key, value in model.state_dict().items() if key not in left_out}
+    metadata = {"format": "pt"}
+    for kept, names in _remove_duplicate_names(state).items():
+        for name in names:
+            metadata[name] = kept
+            del state[name]
+    save_file({key: value.contiguous() for key, value in state.items()}, str(path), metadata=metadata)
+
+
 def _from_dict(kind, data: dict[str, Any], source: str):
     known = {f.name for f in fields(kind)}
     unknown = sorted(set(data) - known)
@@ -105,7 +127,7 @@ class UniPerceiver(nn.Module):
     """Image encoder + text encoder -> shared decoder -> similarity readout."""
 
     def __init__(self, config: UniPerceiverConfig | dict | None = None, load_text_weights: bool = True,
-                 load_image_checkpoint: bool = True):
+                 load_image_checkpoint: bool = True, diffusion_root: str | Path | None = None):
         super().__init__()
         if isinstance(config, dict):
             config = UniPerceiverConfig.from_dict(config)
@@ -121,6 +143,8 @@ class UniPerceiver(nn.Module):
         self.region_proposer = self.region_tokens = None
         if config.detection is not None:
             self._build_detection(config.detection, width)
+        # diffusion_root: a saved model's diffusion/ folder, which replaces config.diffusion.pretrained
+        self.diffusion = DiffusionBranch(config.diffusion, width, diffusion_root) if config.diffusion else None
         self._category_cache: dict[tuple, Tensor] = {}
 
     def _build_detection(self, config: RegionConfig, width: int) -> None:
@@ -137,6 +161,10 @@ class UniPerceiver(nn.Module):
     @property
     def has_detection(self) -> bool:
         return self.region_proposer is not None
+
+    @property
+    def has_diffusion(self) -> bool:
+        return self.diffusion is not None
 
     def train(self, mode: bool = True):
         self._category_cache = {}  # the names' embeddings change as soon as training does
@@ -215,9 +243,25 @@ class UniPerceiver(nn.Module):
         updated from an earlier step's (the idle VQA temperature moved against the plain loop's)."""
         loss = task.loss(self, batch)
         loss = loss + 0.0 * torch.stack([self.readout.scale(family) for family in self.readout.families]).sum()
-        if self.has_detection and getattr(task, "family", "") != "detection":
+        family = getattr(task, "family", "")
+        if self.has_detection and family != "detection":
             loss = loss + 0.0 * self._idle_detection_term(loss)
+        if self.has_diffusion and family != "diffusion":
+            loss = loss + 0.0 * self._idle_diffusion_term(loss)
+        if family == "diffusion":  # the one task that does not look at pictures through the image encoder
+            size = self.config.image.image_size
+            loss = loss + 0.0 * self.image_tokens(loss.new_zeros(1, 3, size, size))[0].sum()
         return loss
+
+    def _idle_diffusion_term(self, like: Tensor) -> Tensor:
+        """The diffusion branch run on one 4-pixel-wide noise sample (the same ZeRO-3 reason as below)."""
+        branch = self.diffusion
+        side = 2 ** (len(branch.unet.config.block_out_channels) - 1)
+        condition = branch.condition(like.new_zeros(1, 1, self.config.decoder.width),
+                                     torch.ones(1, 1, dtype=torch.bool, device=like.device),
+                                     torch.ones(1, dtype=torch.bool, device=like.device))
+        sample = like.new_zeros(1, branch.unet.config.in_channels, side, side)
+        return branch.predict(sample, like.new_zeros(1, dtype=torch.long), condition).sum()
 
     def _idle_detection_term(self, like: Tensor) -> Tensor:
         """The detection head run on one-pixel zero maps: a step of another task gives its parameters a zero
@@ -347,6 +391,59 @@ class UniPerceiver(nn.Module):
                                   (size, size), picture_sizes[i], score_threshold, max_detections)
                 for i in range(pixels.shape[0])]
 
+    # ---------------------------------------------------------------------------------- text to image
+    def _require_diffusion(self) -> None:
+        if not self.has_diffusion:
+            raise ValueError("this model has no diffusion branch: build it with config.diffusion "
+                             "(e.g. UniPerceiverConfig(diffusion={}) or the recipe's model.diffusion)")
+
+    def prompt_states(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """[SPE, text-encoder states] through the decoder, encoded as a candidate text (as `encode_text`) ->
+        every output state (B, 1 + L, width) and valid (B, 1 + L): what the diffusion branch attends to."""
+        tokens, valid = self.text_tokens(prompts)
+        kinds = torch.full(valid.shape, int(Modality.TEXT), device=valid.device)
+        tokens, kinds = self.decoder.prepend_spe(tokens, kinds)
+        valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+        attributes = decoder_attributes(self.decoder, kinds, TEXT_CANDIDATE)
+        return self.decoder(tokens, kinds, valid=valid, attributes=attributes).hidden_states, valid
+
+    @torch.no_grad()
+    def generate_images(self, prompts: Sequence[str] | str, steps: int = 20, guidance: float | None = None,
+                        seed: int | Sequence[int] = 0, negative_prompt: str | Sequence[str] | None = None,
+                        progress: bool = False) -> list:
+        """Text to image: one PIL picture per prompt, by DPM-Solver++ in `steps` steps with classifier-free
+        guidance (`guidance`, default the config's; against the learned null condition, or the decoder's states
+        of `negative_prompt`). `seed` is one seed for every picture or one per prompt: a picture depends on its
+        prompt and seed only."""
+        from .diffusion import to_pil
+
+        self._require_diffusion()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("generate_images: no prompts")
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate_images: {len(seeds)} seeds for {len(prompts)} prompts")
+        branch = self.diffusion
+        was_training = self.training
+        self.eval()
+        try:
+            states, valid = self.prompt_states(prompts)
+            condition = branch.condition(states, valid)
+            if negative_prompt is None:
+                unconditional = branch.null(len(prompts), states.device)
+            else:
+                negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(
+                    negative_prompt)
+                if len(negatives) != len(prompts):
+                    raise ValueError(f"generate_images: {len(negatives)} negative prompts for {len(prompts)} prompts")
+                unconditional = branch.condition(*self.prompt_states(negatives))
+            pictures = branch.sample(condition, unconditional, seeds, steps,
+                                     branch.config.guidance if guidance is None else guidance, progress)
+        finally:
+            self.train(was_training)
+        return to_pil(pictures)
+
     # ------------------------------------------------------------------------------------- captioning
     def caption_prefix(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.image_tokens(images)
@@ -422,8 +519,8 @@ class UniPerceiver(nn.Module):
 
     # ------------------------------------------------------------------------------------------- I/O
     def save_pretrained(self, folder: str | Path) -> Path:
-        """config.json + model.safetensors + the tokenizer and text-model config in text_model/."""
-        from safetensors.torch import save_model
+        """config.json + model.safetensors + the tokenizer and text-model config in text_model/ (+ the diffusion
+        branch's UNet, scheduler and VAE in diffusion/, by diffusers' own save_pretrained)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.text_encoder.save_text_model(folder / TEXT_FOLDER, weights=False)
@@ -431,8 +528,13 @@ class UniPerceiver(nn.Module):
         config["text"]["name_or_path"] = TEXT_FOLDER  # relative: the folder can move
         config["image"]["checkpoint"] = None          # the weights are in model.safetensors
         config["image"]["allow_pickle"] = False       # an opt-in for that file, not for the next one
+        left_out: set[str] = set()
+        if self.has_diffusion:
+            self.diffusion.save_pretrained(folder / DIFFUSION_FOLDER)
+            config["diffusion"]["pretrained"] = DIFFUSION_FOLDER  # relative, as the text model
+            left_out = set(self.diffusion.exported_state_keys("diffusion."))
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-        save_model(self, str(folder / WEIGHTS_FILE))
+        _save_weights(self, folder / WEIGHTS_FILE, left_out)
         return folder
 
     @classmethod
@@ -446,8 +548,18 @@ class UniPerceiver(nn.Module):
         data = json.loads((folder / CONFIG_FILE).read_text())
         config = UniPerceiverConfig.from_dict(data, source=str(folder / CONFIG_FILE))
         config.text.name_or_path = str(folder / TEXT_FOLDER)
-        model = cls(config, load_text_weights=False, load_image_checkpoint=False)
+        diffusion_root = None
+        if config.diffusion is not None:
+            diffusion_root = folder / DIFFUSION_FOLDER
+            if not diffusion_root.is_dir():
+                raise FileNotFoundError(f"UniPerceiver.from_pretrained({folder}): {CONFIG_FILE} has a diffusion "
+                                        f"branch but the folder has no {DIFFUSION_FOLDER}/")
+        model = cls(config, load_text_weights=False, load_image_checkpoint=False, diffusion_root=diffusion_root)
         missing_keys, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(map_location))
+        if model.has_diffusion:  # diffusers loaded these from diffusion/; the EMA starts as the exported UNet
+            exported = set(model.diffusion.exported_state_keys("diffusion."))
+            missing_keys = [key for key in missing_keys if key not in exported]
+            model.to(map_location)
         if missing_keys or unexpected:
             raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the model of {folder / CONFIG_FILE}: "
                              f"missing {sorted(missing_keys)[:10]}, unexpected {sorted(unexpected)[:10]}")

@@ -21,7 +21,7 @@ CHANGES_TEXT_TARGETS = {"RandomHorizontalFlip": "mirrors the picture, swapping '
                         "RandomCrop": "may crop an object out of the picture",
                         "RandomIoUCrop": "may crop an object out of the picture",
                         "RandomErasing": "may erase an object"}
-TEXT_TARGET_TASKS = {"retrieval", "captioning", "vqa", "detection"}
+TEXT_TARGET_TASKS = {"retrieval", "captioning", "vqa", "detection", "text_to_image"}
 
 
 def _entries(spec: list) -> list[tuple[str, dict[str, Any]]]:

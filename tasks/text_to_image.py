@@ -1,0 +1,83 @@
+"""Text to image: the diffusion branch learns to denoise a picture given the decoder's states of its caption.
+
+The decoder and the text encoder see this loss with gradients stopped by default (`DiffusionConfig.
+train_condition`): the branch reads the states the ranking and generation tasks shape, and a denoising loss, noisy
+at every timestep, does not pull those shared states around (on the shapes world, the retrieval and VQA numbers
+are what a recipe tunes for). With `train_condition: true` the loss trains them too.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from uniperceiver.diffusion import from_pil
+
+from .base import Task, register_task, require_fields
+
+
+def first_caption(caption: Any, index: int) -> str:
+    """A sample's caption: the string, or the first of a list (for the shapes data: the bare description)."""
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple)) and caption and isinstance(caption[0], str):
+        return caption[0]
+    raise ValueError(f"task 'text_to_image': sample {index} has caption {caption!r}; expected a string or a list "
+                     "of strings")
+
+
+def pictures_in_unit_range(images: Sequence[Any], size: int) -> Tensor:
+    """PIL pictures or (3, H, W) tensors normalised with ImageNet's statistics -> (B, 3, size, size) in [-1, 1]."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    import torch.nn.functional as F
+
+    out = []
+    for i, image in enumerate(images):
+        if hasattr(image, "convert"):
+            out.append(from_pil([image], size)[0])
+        elif isinstance(image, Tensor) and image.dim() == 3 and image.shape[0] == 3:
+            mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+            std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+            pixels = (image.float() * std + mean) * 2 - 1
+            if pixels.shape[-2:] != (size, size):
+                pixels = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True,
+                                       align_corners=False)[0]
+            out.append(pixels.clamp(-1, 1))
+        else:
+            raise TypeError(f"task 'text_to_image': sample {i} has an image of type {type(image).__name__}; "
+                            "expected a PIL image or a normalised (3, H, W) tensor")
+    return torch.stack(out)
+
+
+@register_task("text_to_image")
+class TextToImageTask(Task):
+    """Batch: {"pixels": (B, 3, S, S) in [-1, 1], "prompts": [str]}. Predictions: one PIL picture per prompt.
+
+    steps, guidance: the sampler's for `predict`."""
+
+    family = "diffusion"
+
+    def __init__(self, steps: int = 20, guidance: float | None = None, image_size: int = 224):
+        super().__init__(image_size=image_size)
+        self.steps, self.guidance = steps, guidance
+
+    def format_batch(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        require_fields(samples, ["image", "caption"], self.name)
+        prompts = [first_caption(sample["caption"], i) for i, sample in enumerate(samples)]
+        return {"pixels": pictures_in_unit_range([sample["image"] for sample in samples], self.image_size),
+                "prompts": prompts}
+
+    def loss(self, model, batch: dict[str, Any]) -> Tensor:
+        model._require_diffusion()
+        states, valid = model.prompt_states(batch["prompts"])
+        idle = None
+        if not model.diffusion.config.train_condition:
+            # 0 x the states: the decoder and the text encoder get zero gradients, not none (see UniPerceiver.forward)
+            idle, states = 0.0 * states.sum(), states.detach()
+        loss = model.diffusion.loss(batch["pixels"], states, valid)
+        return loss if idle is None else loss + idle
+
+    @torch.no_grad()
+    def predict(self, model, batch: dict[str, Any]) -> list:
+        return model.generate_images(batch["prompts"], steps=self.steps, guidance=self.guidance)
