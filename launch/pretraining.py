@@ -345,17 +345,19 @@ def zero_shot_evaluation(recipe: Recipe, export: Path, output: Path, progress: b
     print(f"\nzero-shot evaluation, shapes [test]: {counts}; value (x chance)\n\n{format_side_by_side(results)}")
     summary = results["test"] if len(results) == 1 else {**results["test"], "styles": results}
     if model.has_diffusion:
-        summary["text_to_image"] = text_to_image_evaluation(model, test, config, output, progress)
+        summary["text_to_image"] = text_to_image_evaluation(model, test, config, output, progress,
+                                                            recipe.eval.samples_seeds)
     return summary
 
 
-def text_to_image_evaluation(model, test, config, output: Path, progress: bool) -> dict[str, Any]:
+def text_to_image_evaluation(model, test, config, output: Path, progress: bool, seeds: int = 4) -> dict[str, Any]:
     """The `text_to_image` suite, judged by the model itself: OUTPUT/eval_text_to_image.json and samples.png."""
     from eval.text_to_image import evaluate_text_to_image, format_results
 
     from .training.files import atomic_json
 
-    results = evaluate_text_to_image(model, config=config, rows=test, grid=output / "samples.png", progress=progress)
+    results = evaluate_text_to_image(model, config=config, rows=test, seeds=range(seeds), grid=output / "samples.png",
+                                     progress=progress)
     atomic_json(output / "eval_text_to_image.json", results)
     counts = ", ".join(f"{v} {k}" for k, v in results["counts"].items())
     print(f"\ntext to image, judged by the model itself ({counts}):\n\n{format_results(results)}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 SHAPES = "shapes?split=train&train_size=48&val_size=8&test_size=8"
-TASK_NAMES = ("retrieval", "classification", "captioning", "vqa", "detection")
+TASK_NAMES = ("retrieval", "classification", "captioning", "vqa", "detection", "text_to_image")
 
 
 def small_overrides(steps: int = 6, batch_size: int = 8, **extra) -> list[str]:

@@ -202,7 +202,8 @@ def test_the_tiny_recipe_learns_within_a_few_hundred_steps(tmp_path):
                             "optimizer.warmup_steps=40", "checkpoint.every_steps=0",
                             "model.image.backbone_overrides.dcn_backend=reference"] +
                            [f"tasks.{name}.eval_dataset=null" for name in ("retrieval", "classification",
-                                                                            "captioning", "vqa", "detection")])
+                                                                            "captioning", "vqa", "detection",
+                                                                            "text_to_image")])
     assert result["step"] == steps
     lines = step_lines(tmp_path)
 
@@ -212,15 +213,17 @@ def test_the_tiny_recipe_learns_within_a_few_hundred_steps(tmp_path):
 
     assert late_mean("retrieval", 20) < math.log(32) - 0.4
     assert late_mean("classification", 15) < math.log(6) - 0.2
-    detection = [line["loss"] for line in lines if line["task"] == "detection"]
-    assert late_mean("detection", 10) < 0.8 * sum(detection[:10]) / 10
+    for task in ("detection", "text_to_image"):
+        losses = [line["loss"] for line in lines if line["task"] == task]
+        assert late_mean(task, 10) < 0.8 * sum(losses[:10]) / 10, task
 
 
 def test_the_run_ends_with_the_test_split_and_the_held_out_style_side_by_side(tmp_path, capsys):
     """The zero-shot evaluation reads the test split in the training style and the same scenes drawn in the
     shifted style, each with the question-only baseline of the training data, prints one table with a column
     each, and writes both results and the picture grid."""
-    result = pretrain.main(["--output", str(tmp_path), "--no-progress", *small_overrides(2)])
+    result = pretrain.main(["--output", str(tmp_path), "--no-progress",
+                            *small_overrides(2, **{"eval.samples_seeds": 1})])
     printed = capsys.readouterr().out
     assert "| metric | test | test, shifted style |" in printed
     assert (tmp_path / "eval_test.json").is_file() and (tmp_path / "eval_test_shifted.json").is_file()
@@ -235,3 +238,8 @@ def test_the_run_ends_with_the_test_split_and_the_held_out_style_side_by_side(tm
     for metrics in (test["metrics"], shifted["metrics"]):
         assert {"detection/AP", "detection/AP50", "detection/AP75"} <= set(metrics)
     assert "| detection/AP50 |" in printed
+    # The recipe's model draws: the text-to-image suite judged by the model itself, and the prompts-by-seeds grid.
+    drawn = json.loads((tmp_path / "eval_text_to_image.json").read_text())
+    assert drawn["counts"]["seeds"] == 1 and drawn["counts"]["one_object_prompts"] == 30
+    assert {"t2i/colour", "t2i/shape", "t2i/both", "t2i/two_objects"} <= set(drawn["metrics"])
+    assert (tmp_path / "samples.png").stat().st_size > 1000 and "| t2i/colour |" in printed

@@ -93,10 +93,12 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     """Evaluate the tasks that have an `eval_dataset` every `every_steps` steps (0: only at the end), on at most
-    `max_samples` samples each (None: all), `batch_size` at a time."""
+    `max_samples` samples each (None: all), `batch_size` at a time. At the end, a model with the diffusion branch
+    draws every text-to-image prompt with `samples_seeds` seeds (samples.png)."""
     every_steps: int = 0
     max_samples: Union[int, None] = None
     batch_size: int = 32
+    samples_seeds: int = 4
 
 
 @dataclass
@@ -219,6 +221,7 @@ class Recipe:
               self.checkpoint.every_steps)
         check(self.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", self.checkpoint.keep)
         check(self.eval.every_steps >= 0, "eval.every_steps", ">= 0 (0: only at the end)", self.eval.every_steps)
+        check(self.eval.samples_seeds >= 1, "eval.samples_seeds", ">= 1", self.eval.samples_seeds)
         check(self.eval.max_samples is None or self.eval.max_samples > 0, "eval.max_samples", "> 0 or null",
               self.eval.max_samples)
         check(self.eval.batch_size > 0, "eval.batch_size", "> 0", self.eval.batch_size)
