@@ -52,7 +52,8 @@ def pictures_in_unit_range(images: Sequence[Any], size: int) -> Tensor:
 
 @register_task("text_to_image")
 class TextToImageTask(Task):
-    """Batch: {"pixels": (B, 3, S, S) in [-1, 1], "prompts": [str]}. Predictions: one PIL picture per prompt.
+    """Batch: {"pixels": (B, 3, S, S) in [-1, 1], "prompts": [str], optionally "noise_seeds": [int], each
+    sample's seed for its noise, timestep and condition dropout}. Predictions: one PIL picture per prompt.
 
     steps, guidance: the sampler's for `predict`."""
 
@@ -65,8 +66,11 @@ class TextToImageTask(Task):
     def format_batch(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         require_fields(samples, ["image", "caption"], self.name)
         prompts = [first_caption(sample["caption"], i) for i, sample in enumerate(samples)]
-        return {"pixels": pictures_in_unit_range([sample["image"] for sample in samples], self.image_size),
-                "prompts": prompts}
+        batch = {"pixels": pictures_in_unit_range([sample["image"] for sample in samples], self.image_size),
+                 "prompts": prompts}
+        if all("sample_seed" in sample for sample in samples):  # the training streams' per-sample seeds
+            batch["noise_seeds"] = [int(sample["sample_seed"]) for sample in samples]
+        return batch
 
     def loss(self, model, batch: dict[str, Any]) -> Tensor:
         model._require_diffusion()
@@ -75,7 +79,7 @@ class TextToImageTask(Task):
         if not model.diffusion.config.train_condition:
             # 0 x the states: the decoder and the text encoder get zero gradients, not none (see UniPerceiver.forward)
             idle, states = 0.0 * states.sum(), states.detach()
-        loss = model.diffusion.loss(batch["pixels"], states, valid)
+        loss = model.diffusion.loss(batch["pixels"], states, valid, seeds=batch.get("noise_seeds"))
         return loss if idle is None else loss + idle
 
     @torch.no_grad()

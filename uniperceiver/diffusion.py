@@ -222,19 +222,37 @@ class DiffusionBranch(nn.Module):
         latents = self.vae.encode(pixels.to(vae_dtype)).latent_dist.sample()
         return (latents * self.vae.config.scaling_factor).to(pixels.dtype)
 
-    def loss(self, pixels: Tensor, states: Tensor, valid: Tensor, generator: torch.Generator | None = None
-             ) -> Tensor:
+    def training_draws(self, shape: torch.Size, seeds: Sequence[int] | None, generator: torch.Generator | None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """Noise, timesteps and the dropout draw of a batch: from each sample's own seed when given (a sample then
+        gets the same draws however the global batch is split over ranks), else from `generator` (default: the
+        global random stream)."""
+        batch, steps = shape[0], self.scheduler.config.num_train_timesteps
+        if seeds is None:
+            return (torch.randn(shape, generator=generator), torch.randint(0, steps, (batch,), generator=generator),
+                    torch.rand(batch, generator=generator))
+        if len(seeds) != batch:
+            raise ValueError(f"diffusion loss: {len(seeds)} seeds for {batch} pictures")
+        draws = []
+        for seed in seeds:
+            own = torch.Generator().manual_seed(int(seed))
+            draws.append((torch.randn(shape[1:], generator=own), torch.randint(0, steps, (1,), generator=own)[0],
+                          torch.rand((), generator=own)))
+        noise, timesteps, uniform = zip(*draws)
+        return torch.stack(noise), torch.stack(timesteps), torch.stack(uniform)
+
+    def loss(self, pixels: Tensor, states: Tensor, valid: Tensor, generator: torch.Generator | None = None,
+             seeds: Sequence[int] | None = None) -> Tensor:
         """The denoising loss of pictures (B, 3, H, W) in [-1, 1] given their prompts' decoder states: DDPM noise
         at uniform timesteps, MSE on the scheduler's target, Min-SNR weighted, with `condition_dropout` of the
-        prompts replaced by the null condition."""
+        prompts replaced by the null condition. The draws come from `seeds` (one per picture) or `generator`."""
         from diffusers.training_utils import compute_snr
 
         clean = self.encode_pictures(pixels)
-        batch, device = clean.shape[0], clean.device
-        noise = torch.randn(clean.shape, generator=generator, device=device, dtype=clean.dtype)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=generator,
-                                  device=device)
-        drop = torch.rand(batch, generator=generator, device=device) < self.config.condition_dropout
+        device = clean.device
+        noise, timesteps, uniform = self.training_draws(clean.shape, seeds, generator)
+        noise, timesteps = noise.to(device, clean.dtype), timesteps.to(device)
+        drop = uniform.to(device) < self.config.condition_dropout
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
         prediction = self.predict(noisy, timesteps, self.condition(states, valid, drop)).float()
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(clean, noise, timesteps)

@@ -24,8 +24,11 @@ def unwrap_dataset(dataset):
 
 def sample_for_task(kind: str, sample, seed: int) -> dict[str, Any]:
     """A `Sample` as the dict the task's `format_batch` takes: captioning trains on the first caption (the others
-    are references), retrieval on one caption drawn from `seed`, VQA on the most common answer."""
+    are references), retrieval on one caption drawn from `seed`, VQA on the most common answer. `seed` also rides
+    along as "sample_seed", for a loss that draws noise per sample (text to image: the same noise for a sample
+    however the global batch is split over ranks)."""
     record = sample.to_dict() if hasattr(sample, "to_dict") else dict(sample)
+    record.setdefault("sample_seed", int(seed))
     captions = record.get("captions")
     if captions and "caption" not in record:
         if kind == "retrieval":
