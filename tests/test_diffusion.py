@@ -319,3 +319,18 @@ def test_fid_and_kid_come_from_a_local_inception_file(tmp_path, monkeypatch):
     assert metrics["FID"] > 0
     with pytest.raises(FileNotFoundError, match="--inception-weights"):
         fidelity_metrics(generated, real, tmp_path / "missing.pth")
+
+
+@pytest.mark.usefixtures("offline_cache")
+def test_the_sampling_benchmark_prints_a_table_and_writes_json(tmp_path, capsys):
+    import json
+
+    from eval import sampling_bench
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "export")
+    result = sampling_bench.main(["--model", str(tmp_path / "export"), "--pictures", "2", "--steps", "2",
+                                  "--sizes", "32", "--repeats", "1", "--out", str(tmp_path / "sampling.json")])
+    assert len(result["cases"]) == 2 and all(case["seconds"] > 0 for case in result["cases"].values())
+    assert json.loads((tmp_path / "sampling.json").read_text())["steps"] == 2
+    assert "| 32 px (same UNet) |" in capsys.readouterr().out

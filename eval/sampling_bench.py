@@ -1,0 +1,89 @@
+"""python -m eval.sampling_bench [--model DIR] [--pictures 16] [--steps 20] [--sizes 32 64] [--out FILE]
+
+Times `generate_images` (DPM-Solver++, classifier-free guidance: two UNet passes a step in one doubled batch) for
+a batch of prompts: the branch of a saved model at its own size, and the same UNet built at every `--sizes` side
+(random weights: the time does not depend on them). Prints a table and writes JSON (default
+bench_results/sampling.json). The cases are timed in turn within each repeat and the median kept, so that their
+ratios come from one run on a noisy machine."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+PROMPTS = ["a red circle", "a green square", "a blue triangle", "a yellow star", "a purple diamond",
+           "an orange circle and a red star", "two blue squares", "a green diamond"]
+
+
+def model_at(base, size: int):
+    """`base` with its diffusion branch rebuilt at `size` pixels (the same UNet layout)."""
+    from uniperceiver import UniPerceiver
+
+    config = replace(base.config, diffusion=replace(base.config.diffusion, image_size=size, pretrained=None))
+    model = UniPerceiver(config, load_text_weights=False, load_image_checkpoint=False)
+    model.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("diffusion.")},
+                          strict=False)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m eval.sampling_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a saved model with the diffusion branch (default: the "
+                        "tiny recipe's model, untrained)")
+    parser.add_argument("--pictures", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench_results/sampling.json")
+    args = parser.parse_args(argv)
+
+    from uniperceiver import UniPerceiver
+
+    if args.model:
+        base = UniPerceiver.from_pretrained(args.model)
+    else:
+        from launch.training.recipe import load_recipe
+        base = UniPerceiver(load_recipe("tiny", []).model_config())
+    if not base.has_diffusion:
+        raise SystemExit(f"--model {args.model}: the model has no diffusion branch")
+    cases = {f"{base.diffusion.image_size} px ({'the model' if args.model else 'the recipe, untrained'})": base}
+    for size in args.sizes:
+        if size != base.diffusion.image_size:
+            cases[f"{size} px (same UNet)"] = model_at(base, size)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.pictures)]
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for name, model in cases.items():  # warm-up
+        model.generate_images(prompts[:2], steps=2, guidance=args.guidance)
+    for _ in range(args.repeats):
+        for name, model in cases.items():
+            start = time.perf_counter()
+            model.generate_images(prompts, steps=args.steps, guidance=args.guidance, seed=list(range(len(prompts))))
+            times[name].append(time.perf_counter() - start)
+    rows = {name: {"seconds": statistics.median(values), "runs": values,
+                   "unet_parameters": sum(p.numel() for p in cases[name].diffusion.unet.parameters())}
+            for name, values in times.items()}
+    print(f"\n{args.pictures} pictures, {args.steps} DPM-Solver++ steps, guidance {args.guidance}, "
+          f"{torch.get_num_threads()} threads (median of {args.repeats})\n")
+    print("| case | seconds | per picture | UNet parameters |\n|---|---:|---:|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['seconds']:.2f} | {row['seconds'] / args.pictures:.3f} | "
+              f"{row['unet_parameters'] / 1e6:.2f}M |")
+    result = {"pictures": args.pictures, "steps": args.steps, "guidance": args.guidance,
+              "threads": torch.get_num_threads(), "cases": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.tmp")
+    temporary.write_text(json.dumps(result, indent=1))
+    temporary.replace(out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
