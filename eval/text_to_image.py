@@ -8,7 +8,8 @@ Prompts: every colour-and-shape pair alone ("a red circle", 30 by default) and t
 the test split ("a red circle and a blue star"), each with `seeds` seeds. Per picture:
 - colour: the judge's zero-shot classification over the colours (the largest shape's colour) is the prompt's;
 - shape: the judge's best detection over the shape names is the prompt's shape;
-- count: the number of the judge's detections (score >= `box_threshold`) is the prompt's number of objects;
+- count: the number of the judge's detections (score >= BOX_THRESHOLD; boxes overlapping by IoU >= OBJECT_IOU
+  counted once, the best-scoring name kept) is the prompt's number of objects;
 - both: colour and shape right (one-object prompts); for two-object prompts, each prompted (colour, shape) is
   found among the detections, a detection's colour classified on its crop;
 - retrieval: the picture's own prompt ranks first among the distinct prompts (`encode_image` vs `encode_text`).
@@ -28,6 +29,7 @@ from torch import Tensor
 from . import Suite, register_suite
 
 BOX_THRESHOLD = 0.3  # a detection counts as an object from this score (the examples picture's threshold)
+OBJECT_IOU = 0.5     # detections of one blob under several names (NMS is per name) count as one object
 CROP_MARGIN = 0.15   # a detected box is widened by this share of its side before its colour is classified
 
 
@@ -67,6 +69,17 @@ def _crops(picture, boxes: Tensor) -> list:
     return out
 
 
+def distinct_objects(found):
+    """One detection per object: class-agnostic NMS over a picture's detections (best first)."""
+    from torchvision.ops import nms
+
+    from uniperceiver.detection import Detections
+    if len(found) < 2:
+        return found
+    keep = nms(found.boxes.float(), found.scores.float(), OBJECT_IOU)
+    return Detections(found.boxes[keep], found.scores[keep], found.labels[keep])
+
+
 @torch.no_grad()
 def judge_pictures(judge, pictures: Sequence[Any], objects: Sequence[list[tuple[str, str]]], config,
                    batch_size: int = 32) -> list[dict[str, Any]]:
@@ -82,6 +95,7 @@ def judge_pictures(judge, pictures: Sequence[Any], objects: Sequence[list[tuple[
         colour_of = judge.classify(pixels, colours).argmax(-1).tolist()
         found = judge.detect(pixels, shapes, score_threshold=BOX_THRESHOLD)
         for k, (picture, item) in enumerate(zip(upscaled, found)):
+            item = distinct_objects(item)
             wanted = objects[start + k]
             seen_shapes = [shapes[i] for i in item.labels.tolist()]
             crop_colours = []

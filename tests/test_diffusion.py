@@ -334,3 +334,13 @@ def test_the_sampling_benchmark_prints_a_table_and_writes_json(tmp_path, capsys)
     assert len(result["cases"]) == 2 and all(case["seconds"] > 0 for case in result["cases"].values())
     assert json.loads((tmp_path / "sampling.json").read_text())["steps"] == 2
     assert "| 32 px (same UNet) |" in capsys.readouterr().out
+
+
+def test_one_blob_detected_under_two_names_counts_as_one_object():
+    from eval.text_to_image import distinct_objects
+    from uniperceiver.detection import Detections
+
+    found = Detections(torch.tensor([[0.0, 0, 10, 10], [1.0, 0, 10, 10], [20.0, 20, 30, 30]]),
+                       torch.tensor([0.9, 0.8, 0.5]), torch.tensor([2, 0, 1]))
+    kept = distinct_objects(found)
+    assert kept.labels.tolist() == [2, 1] and kept.scores.tolist() == pytest.approx([0.9, 0.5])
