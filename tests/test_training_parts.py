@@ -256,7 +256,7 @@ def test_tiny_recipe_loads():
 
     recipe = load_recipe("tiny")
     assert recipe.name == "tiny" and recipe.steps > 0
-    assert recipe.task_names == ["retrieval", "classification", "captioning", "vqa", "detection"]
+    assert recipe.task_names == ["retrieval", "classification", "captioning", "vqa", "detection", "text_to_image"]
     assert all(16 <= t.batch_size <= 32 for t in recipe.tasks)
     assert sum(recipe.sampling_ratios().values()) == pytest.approx(1.0)
     assert recipe.optimizer.name == "adamw" and recipe.optimizer.warmup_steps > 0
@@ -266,7 +266,9 @@ def test_tiny_recipe_loads():
     detection = {"levels": [0, 1, 2, 3], "width": 64, "depth": 2, "roi_size": 7, "num_proposals": 8,
                  "pre_nms_top_k": 100}
     assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1], "backbone_overrides": backbone},
-                                                decoder={"depth": 4}, detection=detection)
+                                                decoder={"depth": 4}, detection=detection,
+                                                diffusion={"image_size": 32, "block_out_channels": [32, 64, 96],
+                                                           "cross_attention_levels": [False, False, True]})
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.sampler().task_at(5) == recipe.sampler().task_at(5)
     built = recipe.build_tasks()
