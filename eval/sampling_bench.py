@@ -8,11 +8,9 @@ ratios come from one run on a noisy machine."""
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -46,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from uniperceiver import UniPerceiver
 
+    from .__main__ import write_json
+
     if args.model:
         base = UniPerceiver.from_pretrained(args.model)
     else:
@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['unet_parameters'] / 1e6:.2f}M |")
     result = {"pictures": args.pictures, "steps": args.steps, "guidance": args.guidance,
               "threads": torch.get_num_threads(), "cases": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
-    temporary.write_text(json.dumps(result, indent=1))
-    temporary.replace(out)
+    write_json(args.out, result)
     return result
 
 

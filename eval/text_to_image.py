@@ -164,11 +164,11 @@ def save_grid(pictures: Sequence[Any], prompts: Sequence[str], seeds: Sequence[i
         for s in range(len(seeds)):
             picture = pictures[r * len(seeds) + s].resize((cell, cell))
             grid.paste(picture, (label + s * cell, 14 + r * cell))
+    from launch.training.files import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    grid.save(temporary)
-    temporary.replace(path)
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
     return path
 
 

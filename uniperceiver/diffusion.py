@@ -112,10 +112,15 @@ def _require_folder(folder: Path, what: str) -> None:
                                 "(expected config.json or scheduler_config.json written by save_pretrained)")
 
 
+def zero3_partitioned(parameters) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions any of `parameters`."""
+    return any(hasattr(p, "ds_id") for p in parameters)
+
+
 def _zero3_gathered(parameters: Sequence[nn.Parameter]):
     """All of `parameters`, whole, inside the block: ZeRO-3 partitions them outside a forward pass (an EMA step on
     the partitions would average empty tensors)."""
-    if any(hasattr(p, "ds_id") for p in parameters):
+    if zero3_partitioned(parameters):
         import deepspeed
         return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
     return contextlib.nullcontext()
@@ -266,9 +271,10 @@ class DiffusionBranch(nn.Module):
     # -------------------------------------------------------------------------------------------------- EMA
     def _ema_model(self):
         from diffusers.training_utils import EMAModel
-        ema = EMAModel(list(self.unet.parameters()), decay=self.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=2 / 3, foreach=False)
-        ema.shadow_params = self.ema_buffers()  # updated in place: the buffers are the EMA (and ride in checkpoints)
+        # built on no parameters (EMAModel would clone the whole UNet), then pointed at the buffers: they are the
+        # EMA, updated in place, and ride in checkpoints
+        ema = EMAModel([], decay=self.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3, foreach=False)
+        ema.shadow_params = self.ema_buffers()
         ema.optimization_step = int(self.ema_steps)
         return ema
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .attributes import (IMAGE_INPUT, IMAGE_TEXT_INPUT, REGION_INPUT, TEXT_CANDIDATE, WORD_CANDIDATE,
                          SequenceRole, caption_causal_span, decoder_attributes)
 from .decoder import DecoderConfig, Modality, SharedDecoder
-from .diffusion import DiffusionBranch, DiffusionConfig
+from .diffusion import DiffusionBranch, DiffusionConfig, zero3_partitioned
 from .generation import packed_positions
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .masks import padded_caption_attention_mask
@@ -97,11 +97,6 @@ def tiny_config(**overrides) -> UniPerceiverConfig:
     for key, value in overrides.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return UniPerceiverConfig.from_dict(base)
-
-
-def _partitioned(module: nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions the module's parameters."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _save_weights(model: nn.Module, path: Path, left_out: set[str]) -> None:
@@ -253,9 +248,9 @@ class UniPerceiver(nn.Module):
             loss = loss + 0.0 * self._idle_detection_term(loss)
         # The branch and the image encoder idle on each other's steps; only ZeRO-3 needs them run (the engine's
         # touch_every_parameter gives idle parameters their zero gradient otherwise, for 10% less time a step).
-        if self.has_diffusion and family != "diffusion" and _partitioned(self.diffusion.projection):
+        if self.has_diffusion and family != "diffusion" and zero3_partitioned(self.diffusion.projection.parameters()):
             loss = loss + 0.0 * self._idle_diffusion_term(loss)
-        if family == "diffusion" and _partitioned(self.image_encoder):
+        if family == "diffusion" and zero3_partitioned(self.image_encoder.parameters()):
             size = self.config.image.image_size
             loss = loss + 0.0 * self.image_tokens(loss.new_zeros(1, 3, size, size))[0].sum()
         return loss
