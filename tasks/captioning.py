@@ -13,15 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from uniperceiver.text_encoder import end_of_text_id
+
 from .base import Task, mean_count_over_ranks, register_task, require_fields, stack_images
 
 
 def caption_vocabulary(tokenizer, captions: Iterable[str]) -> list[int]:
     """Sorted ids of every token of the tokenized captions, plus end-of-sequence: the caption vocabulary
     a model needs to produce (and be trained on) these captions."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("caption_vocabulary: the tokenizer has no end-of-sequence token")
-    ids = {tokenizer.eos_token_id}
+    end = end_of_text_id(tokenizer)
+    if end is None:
+        raise ValueError("caption_vocabulary: the tokenizer has no end-of-sequence (or [SEP]) token")
+    ids = {end}
     for caption in captions:
         if not isinstance(caption, str):
             raise TypeError(f"caption_vocabulary: captions must be strings, got {type(caption).__name__}")

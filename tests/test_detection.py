@@ -135,8 +135,8 @@ def test_detect_returns_boxes_in_each_pictures_pixels_and_takes_an_lvis_sized_li
     pictures = [Image.new("RGB", (128, 96), "white"), Image.new("RGB", (50, 70), "black")]
     names = [f"thing {i}" for i in range(1203)]
     calls = []
-    original = model.class_embeddings
-    monkeypatch.setattr(model, "class_embeddings", lambda chunk, templates: calls.append(len(chunk)) or
+    original = model._embed_classes  # what encodes a list of names, uncached
+    monkeypatch.setattr(model, "_embed_classes", lambda chunk, templates: calls.append(len(chunk)) or
                         original(chunk, templates))
     found = model.detect(pictures, names, score_threshold=0.0, max_detections=7)
     assert calls == [256, 256, 256, 256, 179]  # the names in batches, all in one call

@@ -111,7 +111,7 @@ def search(model, images: Tensor, beams: int = 1, max_length: int = 20,
     device = state.first_position.device
     vocab_features = model.vocabulary_features()            # (V, width): what a chosen word feeds back
     candidates = model.encode_words()                       # (V, D): what a query is ranked against
-    eos_index = model.caption_vocab.tolist().index(model.tokenizer.eos_token_id)
+    eos_index = model.caption_vocab.tolist().index(model.end_token_id)
 
     rows = batch * beams
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
@@ -147,7 +147,7 @@ def search(model, images: Tensor, beams: int = 1, max_length: int = 20,
 
 def decode(model, word_indices: Tensor) -> list[str]:
     """Indices into `model.caption_vocab` (B, T) -> strings, cut at the first end-of-sequence."""
-    eos_index = model.caption_vocab.tolist().index(model.tokenizer.eos_token_id)
+    eos_index = model.caption_vocab.tolist().index(model.end_token_id)
     vocab_ids = model.caption_vocab.cpu()
     texts = []
     for row in word_indices.tolist():

@@ -19,7 +19,7 @@ routing attributes; the role each path gives its sequence is tabled in `attribut
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .caching import WeightsCache
 from .attributes import (IMAGE_INPUT, IMAGE_TEXT_INPUT, REGION_INPUT, TEXT_CANDIDATE, WORD_CANDIDATE,
                          SequenceRole, caption_causal_span, decoder_attributes)
 from .decoder import DecoderConfig, Modality, SharedDecoder
@@ -34,9 +35,10 @@ from .diffusion import DiffusionBranch, DiffusionConfig, zero3_partitioned
 from .generation import packed_positions
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .masks import padded_caption_attention_mask
+from .processing import PROCESSOR_FILE, ImageProcessor, processor_for
 from .readout import DEFAULT_FAMILIES, SimilarityReadout
 from .region_proposals import Proposals, RegionConfig, RegionProposalNetwork, RegionTokens
-from .text_encoder import TextEncoder, TextEncoderConfig
+from .text_encoder import TextEncoder, TextEncoderConfig, end_of_text_id
 
 ARCHITECTURE = "UniPerceiver"
 CONFIG_FILE, WEIGHTS_FILE, TEXT_FOLDER = "config.json", "model.safetensors", "text_model"
@@ -115,6 +117,39 @@ def _save_weights(model: nn.Module, path: Path, left_out: set[str]) -> None:
     save_file({key: value.contiguous() for key, value in state.items()}, str(path), metadata=metadata)
 
 
+def _is_model_batch(images: Any, size: int) -> bool:
+    """A (B, 3, size, size) float tensor: pixels already preprocessed for the model (what tasks and suites pass)."""
+    return (isinstance(images, Tensor) and images.is_floating_point() and images.dim() == 4
+            and tuple(images.shape[1:]) == (3, size, size))
+
+
+def _text_list(texts: Any, argument: str, batch: int | None = None) -> list[str]:
+    """A string or a sequence of strings -> a list; one bare string stands for every picture of a batch. Errors name
+    `argument`."""
+    if isinstance(texts, str):
+        return [texts] * (batch or 1)
+    if isinstance(texts, Tensor) or not isinstance(texts, Sequence):
+        raise TypeError(f"{argument}: expected a string or a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+    if bad:
+        raise TypeError(f"{argument}[{bad[0]}]: expected a string, got {type(texts[bad[0]]).__name__}")
+    if not texts:
+        raise ValueError(f"{argument}: an empty list")
+    if batch is not None and len(texts) != batch:
+        raise ValueError(f"{argument}: {len(texts)} texts for {batch} images")
+    return texts
+
+
+def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in named:
+        raise ValueError(f"dtype {dtype!r}: expected a torch dtype or one of {sorted(named)}")
+    return named[dtype]
+
+
 def _from_dict(kind, data: dict[str, Any], source: str):
     known = {f.name for f in fields(kind)}
     unknown = sorted(set(data) - known)
@@ -145,7 +180,8 @@ class UniPerceiver(nn.Module):
             self._build_detection(config.detection, width)
         # diffusion_root: a saved model's diffusion/ folder, which replaces config.diffusion.pretrained
         self.diffusion = DiffusionBranch(config.diffusion, width, diffusion_root) if config.diffusion else None
-        self._category_cache: dict[tuple, Tensor] = {}
+        self.image_processor = processor_for(config.image.image_size)  # from_pretrained reads the saved one
+        self.cache = WeightsCache()  # vocabulary, class, answer and category embeddings of the current weights
 
     def _build_detection(self, config: RegionConfig, width: int) -> None:
         info = self.image_encoder.backbone.feature_info
@@ -167,20 +203,49 @@ class UniPerceiver(nn.Module):
         return self.diffusion is not None
 
     def train(self, mode: bool = True):
-        self._category_cache = {}  # the names' embeddings change as soon as training does
+        self.cache.clear()  # the embeddings change as soon as training does
         return super().train(mode)
+
+    def cached(self, key, compute):
+        """`compute()`, or its value from an earlier call with the same weights (outside autograd only)."""
+        return self.cache.get(self, key, compute)
+
+    # ------------------------------------------------------------------------------------------ inputs
+    @property
+    def device(self) -> torch.device:
+        return next(self.image_encoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.image_encoder.parameters()).dtype
+
+    def prepare_images(self, images, argument: str = "images", resize: str | None = None) -> Tensor:
+        """PIL images, paths, numpy arrays, uint8 tensors (raw pixels) or float tensors (preprocessed pixels), one or
+        a batch -> (B, 3, S, S) normalised pixels on the model's device and in its dtype (see `processing.py`)."""
+        pixels = images if _is_model_batch(images, self.image_processor.size) else self.image_processor(
+            images, argument, resize)
+        return pixels.to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------------------------------ tokens
     @property
     def tokenizer(self):
         return self.text_encoder.tokenizer
 
+    @property
+    def end_token_id(self) -> int:
+        """The token id that ends a caption: the tokenizer's end-of-sequence (or [SEP] for BERT-style ones)."""
+        end = end_of_text_id(self.tokenizer)
+        if end is None:
+            raise ValueError(f"text model {self.config.text.name_or_path!r}: its tokenizer has neither an "
+                             "end-of-sequence nor a [SEP] token, so captions cannot end")
+        return end
+
     def _caption_vocab(self) -> list[int]:
         tokenizer = self.tokenizer
         if self.config.caption_vocab is not None:
-            vocab = sorted(set(self.config.caption_vocab) | {tokenizer.eos_token_id})
+            vocab = sorted(set(self.config.caption_vocab) | {self.end_token_id})
         else:
-            special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
+            special = set(tokenizer.all_special_ids) - {self.end_token_id}
             vocab = [i for i in range(len(tokenizer)) if i not in special]
         bad = [i for i in vocab if not 0 <= i < len(tokenizer)]
         if bad:
@@ -190,7 +255,7 @@ class UniPerceiver(nn.Module):
     def caption_token_ids(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Captions -> indices into `caption_vocab` (B, L) ending with end-of-sequence, and lengths (B,).
         Tokens outside the caption vocabulary raise, naming the caption."""
-        eos = self.tokenizer.eos_token_id
+        eos = self.end_token_id
         position = {int(t): i for i, t in enumerate(self.caption_vocab.tolist())}
         rows = []
         for caption in captions:
@@ -208,8 +273,10 @@ class UniPerceiver(nn.Module):
         return padded.to(self.caption_vocab.device), lengths.to(self.caption_vocab.device)
 
     def vocabulary_features(self, token_ids: Tensor | None = None) -> Tensor:
-        """Each token encoded alone by the text encoder: (V, width) for `token_ids` (default the caption vocab)."""
-        token_ids = self.caption_vocab if token_ids is None else token_ids
+        """Each token encoded alone by the text encoder: (V, width) for `token_ids` (default the caption vocab,
+        cached outside autograd)."""
+        if token_ids is None:
+            return self.cached("vocabulary_features", lambda: self.vocabulary_features(self.caption_vocab))
         batch = {"input_ids": token_ids[:, None], "attention_mask": torch.ones_like(token_ids)[:, None]}
         features, _ = self.text_encoder(batch)
         return features[:, 0]
@@ -275,9 +342,9 @@ class UniPerceiver(nn.Module):
         tokens = self.region_tokens(maps, box, (1, 1))
         return dense.objectness.sum() + dense.centreness.sum() + dense.distances.sum() + tokens.sum()
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) normalised images -> (B, embed_dim) embeddings (unit norm)."""
-        tokens, kinds = self.image_tokens(images)
+    def encode_image(self, images) -> Tensor:
+        """Pictures (PIL, paths, numpy, tensors; see `prepare_images`) -> (B, embed_dim) embeddings (unit norm)."""
+        tokens, kinds = self.image_tokens(self.prepare_images(images))
         return self.readout(self._spe_output(tokens, kinds, IMAGE_INPUT))
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
@@ -287,23 +354,35 @@ class UniPerceiver(nn.Module):
         kinds = torch.full(valid.shape, int(Modality.TEXT), device=valid.device)
         return self.readout(self._spe_output(tokens, kinds, TEXT_CANDIDATE, valid))
 
-    def encode_words(self, token_ids: Tensor | None = None) -> Tensor:
-        """Vocabulary candidates [SPE, token] -> (V, embed_dim): what caption queries are ranked against."""
-        features = self.vocabulary_features(token_ids)[:, None]
+    def encode_words(self, token_ids: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """Vocabulary candidates [SPE, token] -> (V, embed_dim): what caption queries are ranked against. `features`:
+        the tokens' `vocabulary_features`, when the caller has them already. The caption vocabulary's candidates
+        (no `token_ids`) are cached outside autograd."""
+        if token_ids is None and features is None:
+            return self.cached("word_candidates", lambda: self.encode_words(features=self.vocabulary_features()))
+        features = (self.vocabulary_features(token_ids) if features is None else features)[:, None]
         kinds = torch.full(features.shape[:2], int(Modality.TEXT), device=features.device)
         return self.readout(self._spe_output(features, kinds, WORD_CANDIDATE))
 
     def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> Tensor:
-        """One vector per class: the normalised mean of its normalised template embeddings."""
+        """One vector per class: the normalised mean of its normalised template embeddings (cached per list
+        outside autograd)."""
+        class_names, templates = _text_list(class_names, "class_names"), _text_list(templates, "templates")
+
+        return self.cached(("classes", tuple(class_names), tuple(templates)),
+                           lambda: self._embed_classes(class_names, templates))
+
+    def _embed_classes(self, class_names: list[str], templates: list[str]) -> Tensor:
         texts = [template.format(name) for name in class_names for template in templates]
         embeddings = self.encode_text(texts).view(len(class_names), len(templates), -1)
         return F.normalize(embeddings.mean(dim=1), dim=-1)
 
-    def vqa_query(self, images: Tensor, questions: Sequence[str]) -> Tensor:
+    def vqa_query(self, images, questions: Sequence[str]) -> Tensor:
         """[SPE, image, question, SPE query] -> the query's embedding (B, embed_dim)."""
-        image_tokens, image_kinds = self.image_tokens(images)
-        text, text_valid = self.text_tokens(questions)
+        image_tokens, image_kinds = self.image_tokens(self.prepare_images(images))
         batch = image_tokens.shape[0]
+        questions = _text_list(questions, "questions", batch)
+        text, text_valid = self.text_tokens(questions)
         tokens = torch.cat([image_tokens, text], dim=1)
         kinds = torch.cat([image_kinds, torch.full(text_valid.shape, int(Modality.TEXT), device=text.device)], 1)
         tokens, kinds = self.decoder.prepend_spe(tokens, kinds)
@@ -354,18 +433,9 @@ class UniPerceiver(nn.Module):
                             ) -> Tensor:
         """(C, embed_dim) one embedding per category name, CATEGORY_CHUNK names per forward pass; cached per
         (names, templates) outside training, so a list is encoded once however many pictures use it."""
-        if not categories:
-            raise ValueError("detect: no category names")
-        key = (tuple(categories), tuple(templates))
-        cached = self._category_cache.get(key)
-        if cached is not None:
-            return cached
-        names = list(categories)
-        embeddings = torch.cat([self.class_embeddings(names[i:i + CATEGORY_CHUNK], templates)
-                                for i in range(0, len(names), CATEGORY_CHUNK)])
-        if not self.training or not torch.is_grad_enabled():
-            self._category_cache = {key: embeddings.detach()}  # one list at a time: no unbounded growth
-        return embeddings
+        names, templates = _text_list(categories, "categories"), _text_list(templates, "templates")
+        return self.cached(("categories", tuple(names), tuple(templates)), lambda: torch.cat(
+            [self._embed_classes(names[i:i + CATEGORY_CHUNK], templates) for i in range(0, len(names), CATEGORY_CHUNK)]))
 
     def region_logits(self, region_embeddings: Tensor, category_embeddings: Tensor) -> Tensor:
         """(..., K, C) scaled cosine similarities of regions and category names (the `detection` family)."""
@@ -374,17 +444,21 @@ class UniPerceiver(nn.Module):
     @torch.no_grad()
     def detect(self, images, categories: Sequence[str], score_threshold: float = 0.3, max_detections: int = 100,
                templates: Sequence[str] = DEFAULT_TEMPLATES) -> list:
-        """Open-vocabulary detection: PIL pictures (any size) or a (B, 3, H, W) normalised tensor, and any list
-        of category names -> per picture a `Detections` (boxes xyxy in that picture's pixels, scores, labels
-        indexing `categories`)."""
+        """Open-vocabulary detection: pictures of any size (PIL, paths, numpy arrays, uint8 tensors, or a
+        (B, 3, H, W) normalised float tensor), and any list of category names -> per picture a `Detections` (boxes
+        xyxy in that picture's pixels, scores, labels indexing `categories`). Pictures are resized to the model's
+        square input without a crop, as detection trains."""
         from .detection import resize_for_detection, select_detections
+        from .processing import as_picture_list, to_pil
 
         self._require_detection()
         size = self.config.image.image_size
-        device = next(self.parameters()).device
+        if not (isinstance(images, Tensor) and images.is_floating_point()):
+            items = as_picture_list(images)
+            images = [to_pil(item, f"images[{i}]" if len(items) > 1 else "images") for i, item in enumerate(items)]
         pixels, picture_sizes = resize_for_detection(images, size)
-        pixels = pixels.to(device)
-        names = self.category_embeddings(list(categories), templates)
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        names = self.category_embeddings(categories, templates)
         tokens, kinds, maps = self.image_features(pixels)
         proposals = self.propose_regions(maps, (size, size))
         regions = self.region_embeddings(tokens, kinds, maps, proposals.boxes, proposals.valid, (size, size))
@@ -487,42 +561,70 @@ class UniPerceiver(nn.Module):
         hidden = self.decoder(inputs.tokens, inputs.modality_ids, positions, attention_mask=mask,
                               attributes=attributes).hidden_states
         queries = self.readout(hidden[:, inputs.layout.queries])
-        candidates = self.encode_words() if word_embeddings is None else word_embeddings
+        candidates = self.encode_words(features=vocab_features) if word_embeddings is None else word_embeddings
         return self.readout.similarity(queries, candidates, "caption")
 
     @torch.no_grad()
-    def caption(self, images: Tensor, beams: int = 1, max_length: int | None = None,
-                prompts: Sequence[str] | None = None) -> list[str]:
-        """Captions by greedy (beams=1) or beam search over the caption vocabulary, with the decoder's
-        key/value cache: each step appends the previous word to the cache and runs one SPE query.
-        `prompts` condition the text on a prompt after the image (open-ended VQA)."""
-        from .generation import beam_search
-        return beam_search(self, images, beams=beams, max_length=max_length or self.config.max_caption_length,
-                           prompts=prompts)
+    def caption(self, images, beams: int = 1, max_length: int | None = None, prompts: Sequence[str] | None = None,
+                return_scores: bool = False) -> list[str] | tuple[list[str], Tensor]:
+        """Captions of pictures (PIL, paths, numpy, tensors; see `prepare_images`) by greedy (beams=1) or beam
+        search over the caption vocabulary, with the decoder's key/value cache: each step appends the previous word
+        to the cache and runs one SPE query. `prompts` condition the text on a prompt after the image (open-ended
+        VQA). With `return_scores`, also each caption's log-probability (B,), end of sequence included."""
+        from .generation import decode, search
+
+        pixels = self.prepare_images(images)
+        if prompts is not None:
+            prompts = _text_list(prompts, "prompts", pixels.shape[0])
+        result = search(self, pixels, beams=beams, max_length=max_length or self.config.max_caption_length,
+                        prompts=prompts)
+        texts = decode(self, result.word_indices)
+        return (texts, result.scores) if return_scores else texts
 
     # --------------------------------------------------------------------------------- task front-ends
     @torch.no_grad()
-    def classify(self, images: Tensor, class_names: Sequence[str],
-                 templates: Sequence[str] = DEFAULT_TEMPLATES) -> Tensor:
-        """Zero-shot classification: (B, num_classes) probabilities."""
-        logits = self.readout.similarity(self.encode_image(images), self.class_embeddings(class_names, templates),
-                                         "classification")
-        return logits.softmax(dim=-1)
+    def classify(self, images, class_names: Sequence[str] | None = None,
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, class_embeddings: Tensor | None = None,
+                 return_logits: bool = False) -> Tensor:
+        """Zero-shot classification: (B, num_classes) probabilities (with `return_logits`, the scaled similarities
+        before the softmax). The classes are `class_names` (encoded through `templates`, cached per list) or
+        precomputed `class_embeddings` (C, embed_dim), e.g. from `class_embeddings()`."""
+        if (class_names is None) == (class_embeddings is None):
+            raise ValueError("classify: pass class_names or class_embeddings (one of them)")
+        if class_embeddings is None:
+            class_embeddings = self.class_embeddings(class_names, templates)
+        elif class_embeddings.dim() != 2 or class_embeddings.shape[1] != self.config.embed_dim:
+            raise ValueError(f"classify: class_embeddings must be (num_classes, {self.config.embed_dim}), "
+                             f"got {tuple(class_embeddings.shape)}")
+        image_embeddings = self.encode_image(images)
+        logits = self.readout.similarity(image_embeddings, class_embeddings.to(image_embeddings), "classification")
+        return logits if return_logits else logits.softmax(dim=-1)
 
     @torch.no_grad()
-    def answer(self, images: Tensor, questions: Sequence[str], answers: Sequence[str] | None = None,
-               beams: int = 1, max_length: int | None = None) -> list[str]:
-        """VQA by ranking the candidate `answers`, or, without them, open-ended answers generated word by
-        word conditioned on [image, question] (a model trained with the generative VQA loss)."""
+    def answer(self, images, questions: Sequence[str] | str, answers: Sequence[str] | None = None,
+               beams: int = 1, max_length: int | None = None, return_scores: bool = False
+               ) -> list[str] | tuple[list[str], Tensor]:
+        """VQA by ranking the candidate `answers` (their embeddings cached per list), or, without them, open-ended
+        answers generated word by word conditioned on [image, question] (a model trained with the generative VQA
+        loss). With `return_scores`, also each answer's log-probability (B,): among the candidates, or of the
+        generated words."""
+        pixels = self.prepare_images(images)
+        questions = _text_list(questions, "questions", pixels.shape[0])
         if answers is None:
-            return self.caption(images, beams=beams, max_length=max_length, prompts=questions)
-        logits = self.readout.similarity(self.vqa_query(images, questions), self.encode_text(answers), "vqa")
-        return [answers[i] for i in logits.argmax(dim=-1).tolist()]
+            return self.caption(pixels, beams=beams, max_length=max_length, prompts=questions,
+                                return_scores=return_scores)
+        answers = _text_list(answers, "answers")
+        candidates = self.cached(("texts", tuple(answers)), lambda: self.encode_text(answers))
+        log_probs = self.readout.similarity(self.vqa_query(pixels, questions), candidates, "vqa").float().log_softmax(-1)
+        scores, best = log_probs.max(dim=-1)
+        chosen = [answers[i] for i in best.tolist()]
+        return (chosen, scores) if return_scores else chosen
 
     # ------------------------------------------------------------------------------------------- I/O
     def save_pretrained(self, folder: str | Path) -> Path:
-        """config.json + model.safetensors + the tokenizer and text-model config in text_model/ (+ the diffusion
-        branch's UNet, scheduler and VAE in diffusion/, by diffusers' own save_pretrained)."""
+        """config.json + model.safetensors + preprocessor_config.json (the image processor) + the tokenizer and
+        text-model config in text_model/ (+ the diffusion branch's UNet, scheduler and VAE in diffusion/, by
+        diffusers' own save_pretrained)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.text_encoder.save_text_model(folder / TEXT_FOLDER, weights=False)
@@ -536,18 +638,35 @@ class UniPerceiver(nn.Module):
             config["diffusion"]["pretrained"] = DIFFUSION_FOLDER  # relative, as the text model
             left_out = set(self.diffusion.exported_state_keys("diffusion."))
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        self.image_processor.save_pretrained(folder)
         _save_weights(self, folder / WEIGHTS_FILE, left_out)
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "UniPerceiver":
-        from safetensors.torch import load_model
-        folder = Path(folder)
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None) -> "UniPerceiver":
+        """A saved model from a local folder or a hub id ("org/name", through huggingface_hub; HF_HUB_OFFLINE
+        respected), in eval mode, on `device` (default the CPU) in `dtype` (default as saved, float32; "bfloat16"
+        runs on CPUs that support it). The model is built with its parameters on the meta device and the file's
+        tensors assigned to it, so loading needs about one copy of the weights in memory."""
+        from safetensors.torch import load_file
+
+        from .pretrained import load_assigned, parameters_on_meta, resolve_model_folder, tensors_on_meta
+
+        folder = resolve_model_folder(name_or_path)
         missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TEXT_FOLDER) if not (folder / name).exists()]
         if missing:
             raise FileNotFoundError(f"UniPerceiver.from_pretrained({folder}): missing {missing}; a saved model "
                                     f"folder holds {CONFIG_FILE}, {WEIGHTS_FILE} and {TEXT_FOLDER}/")
-        data = json.loads((folder / CONFIG_FILE).read_text())
+        try:
+            data = json.loads((folder / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{folder / CONFIG_FILE}: not valid JSON ({error})") from error
+        if not isinstance(data, dict) or "architecture" not in data:
+            kind = data.get("model_type") or data.get("_class_name") if isinstance(data, dict) else None
+            raise ValueError(f"{folder / CONFIG_FILE}: names no architecture"
+                             f"{f' (it describes a {kind!r} model)' if kind else ''}; a UniPerceiver folder is "
+                             "written by UniPerceiver.save_pretrained")
         config = UniPerceiverConfig.from_dict(data, source=str(folder / CONFIG_FILE))
         config.text.name_or_path = str(folder / TEXT_FOLDER)
         diffusion_root = None
@@ -556,13 +675,31 @@ class UniPerceiver(nn.Module):
             if not diffusion_root.is_dir():
                 raise FileNotFoundError(f"UniPerceiver.from_pretrained({folder}): {CONFIG_FILE} has a diffusion "
                                         f"branch but the folder has no {DIFFUSION_FOLDER}/")
-        model = cls(config, load_text_weights=False, load_image_checkpoint=False, diffusion_root=diffusion_root)
-        missing_keys, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(map_location))
+        dtype = _torch_dtype(dtype)
+        with parameters_on_meta():
+            model = cls(replace(config, diffusion=None), load_text_weights=False, load_image_checkpoint=False)
+        model.config = config
+        if config.diffusion is not None:  # diffusers loads its own folder (weights included) for real
+            model.diffusion = DiffusionBranch(config.diffusion, config.decoder.width, diffusion_root)
+        try:
+            state = load_file(str(folder / WEIGHTS_FILE), device=str(torch.device(device or "cpu")))
+        except Exception as error:  # safetensors raises its own error type for a damaged header
+            raise ValueError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({error})") from error
+        try:
+            missing_keys, unexpected = load_assigned(model, state, dtype)
+        except RuntimeError as error:  # shape mismatches
+            raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the model of {folder / CONFIG_FILE}: "
+                             f"{error}") from error
         if model.has_diffusion:  # diffusers loaded these from diffusion/; the EMA starts as the exported UNet
             exported = set(model.diffusion.exported_state_keys("diffusion."))
             missing_keys = [key for key in missing_keys if key not in exported]
-            model.to(map_location)
         if missing_keys or unexpected:
             raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the model of {folder / CONFIG_FILE}: "
                              f"missing {sorted(missing_keys)[:10]}, unexpected {sorted(unexpected)[:10]}")
+        empty = tensors_on_meta(model)
+        if empty:
+            raise ValueError(f"{folder / WEIGHTS_FILE}: no values for {empty[:10]}")
+        if (folder / PROCESSOR_FILE).exists():
+            model.image_processor = ImageProcessor.from_pretrained(folder)
+        model.to(device=device, dtype=dtype)  # the diffusion branch and the built buffers; no copy of the rest
         return model.eval()

@@ -212,6 +212,12 @@ class TextEncoder(nn.Module):
         return folder
 
 
+def end_of_text_id(tokenizer) -> int | None:
+    """The token that ends a generated text: end-of-sequence, or for BERT-style tokenizers, which have none,
+    the [SEP] that closes every sequence they encode."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set, read now (huggingface_hub reads it once, at import)."""
     return any(os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
