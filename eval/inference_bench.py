@@ -108,24 +108,29 @@ def agreement(reference, other, images: list) -> dict:
 
 
 MEMORY_PROBE = """
-import json, resource, sys, torch
+import json, sys, torch
 from uniperceiver import UniPerceiver
+
+def status(field):  # kB, from Linux's accounting of this process
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
 folder, how = sys.argv[1], sys.argv[2]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
+before = status("VmRSS")
 if how == "from_pretrained":
     model = UniPerceiver.from_pretrained(folder)
 else:  # how the API loaded before: a randomly initialised model, then the file copied into it
-    from dataclasses import replace
     from safetensors.torch import load_model
     from uniperceiver.model import UniPerceiverConfig
-    data = json.load(open(folder + "/config.json"))
-    config = UniPerceiverConfig.from_dict(data)
+    config = UniPerceiverConfig.from_dict(json.load(open(folder + "/config.json")))
     config.text.name_or_path = folder + "/text_model"
     model = UniPerceiver(config, load_text_weights=False, load_image_checkpoint=False)
     load_model(model, folder + "/model.safetensors", strict=False)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM")
 weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-print(json.dumps({"peak_mib": after / 1024, "growth_mib": (after - before) / 1024, "weights_mib": weights / 2**20}))
+print(json.dumps({"peak_mib": peak / 1024, "growth_mib": (peak - before) / 1024, "weights_mib": weights / 2**20}))
 """
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from tiny_model import TINY_BACKBONE, offline_cache  # noqa: F401  (a fixture)
 from uniperceiver import ImageProcessor, UniPerceiver, create_model_and_transforms, tiny_config
 from uniperceiver.generation import start
-from uniperceiver.pretrained import ModelNotFoundError, load_assigned
+from uniperceiver.pretrained import ModelNotFoundError, load_assigned, read_safetensors
 from uniperceiver.processing import PROCESSOR_FILE
 
 CLASSES = ["red", "green", "blue"]
@@ -274,11 +274,27 @@ def test_assigned_loading_keeps_tied_weights_tied():
     source = Tied()
     with torch.device("meta"):
         target = Tied()
-    missing, unexpected = load_assigned(target, {"embed.weight": source.embed.weight.detach().clone()},
-                                        dtype=torch.float64)
+    missing, unexpected = load_assigned(target, {"embed.weight": source.embed.weight.detach().double()})
     assert missing == [] and unexpected == []
     assert target.head.weight is target.embed.weight and target.head.weight.dtype == torch.float64
     torch.testing.assert_close(target.head.weight, source.embed.weight.double())
+
+
+def test_the_weights_reader_matches_safetensors(tmp_path):
+    state = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(2, 2).bfloat16(),
+             "d": torch.tensor([True, False]), "e": torch.zeros(0, 4)}
+    save_file(state, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    read = read_safetensors(tmp_path / "w.safetensors")
+    expected = load_file(tmp_path / "w.safetensors")
+    assert read.keys() == expected.keys()
+    for key in state:
+        assert read[key].dtype == expected[key].dtype and torch.equal(read[key], expected[key])
+        assert read[key].data_ptr() % 64 == 0 or read[key].numel() == 0
+    halved = read_safetensors(tmp_path / "w.safetensors", dtype=torch.bfloat16)
+    assert halved["a"].dtype == torch.bfloat16 and halved["b"].dtype == torch.int64
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:-8])
+    with pytest.raises(ValueError, match="cut.safetensors: not a readable safetensors file .*ends inside"):
+        read_safetensors(tmp_path / "cut.safetensors")
 
 
 def test_the_generation_prefix_takes_preprocessed_pixels(model):

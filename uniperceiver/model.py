@@ -649,9 +649,8 @@ class UniPerceiver(nn.Module):
         respected), in eval mode, on `device` (default the CPU) in `dtype` (default as saved, float32; "bfloat16"
         runs on CPUs that support it). The model is built with its parameters on the meta device and the file's
         tensors assigned to it, so loading needs about one copy of the weights in memory."""
-        from safetensors.torch import load_file
-
-        from .pretrained import load_assigned, parameters_on_meta, resolve_model_folder, tensors_on_meta
+        from .pretrained import (load_assigned, parameters_on_meta, read_safetensors, resolve_model_folder,
+                                 tensors_on_meta)
 
         folder = resolve_model_folder(name_or_path)
         missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TEXT_FOLDER) if not (folder / name).exists()]
@@ -681,12 +680,9 @@ class UniPerceiver(nn.Module):
         model.config = config
         if config.diffusion is not None:  # diffusers loads its own folder (weights included) for real
             model.diffusion = DiffusionBranch(config.diffusion, config.decoder.width, diffusion_root)
+        state = read_safetensors(folder / WEIGHTS_FILE, torch.device(device or "cpu"), dtype)
         try:
-            state = load_file(str(folder / WEIGHTS_FILE), device=str(torch.device(device or "cpu")))
-        except Exception as error:  # safetensors raises its own error type for a damaged header
-            raise ValueError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({error})") from error
-        try:
-            missing_keys, unexpected = load_assigned(model, state, dtype)
+            missing_keys, unexpected = load_assigned(model, state)
         except RuntimeError as error:  # shape mismatches
             raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the model of {folder / CONFIG_FILE}: "
                              f"{error}") from error

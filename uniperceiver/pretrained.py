@@ -5,6 +5,7 @@ loading holds about one copy of the weights in memory instead of a random initia
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -13,9 +14,6 @@ import torch
 from torch import nn
 
 from .text_encoder import _HUB_ID, hub_offline
-
-
-ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives every tensor
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -59,24 +57,54 @@ def parameters_on_meta():
         yield
 
 
-def load_assigned(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
-                  ) -> tuple[list[str], list[str]]:
-    """Assigns `state`'s tensors to `model` (no copy into preallocated weights), floating ones cast to `dtype`.
-    Parameters tied under several names (a language model's input and output embeddings, saved once) are tied
-    again afterwards. Returns (missing, unexpected) keys, as `load_state_dict` does."""
-    state = dict(state)
-    for key, value in state.items():  # one tensor at a time: the replaced one is freed before the next is made
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        if value.device.type == "cpu" and value.data_ptr() % ALIGNMENT:
-            # safetensors' CPU tensors sit where the file's layout puts them; vectorised kernels round differently
-            # on unaligned data, so an unaligned copy would not reproduce the saved model bit for bit
-            value = value.clone()
-        state[key] = value
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, each read straight into its own new tensor, floating ones cast to `dtype`
+    and moved to `device` one at a time. Written by hand because safetensors' loaders hand out views of a memory
+    map at the file's offsets: touching them keeps the mapped file resident beside any copy (two copies at the
+    peak), and their addresses are unaligned, where vectorised kernels round differently from the saved model."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as file:
+            header_size = int.from_bytes(file.read(8), "little")
+            if not 2 <= header_size <= 100_000_000:
+                raise ValueError(f"a header of {header_size} bytes")
+            header = json.loads(file.read(header_size))
+            header.pop("__metadata__", None)
+            start = 8 + header_size
+            state = {}
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                kind = SAFETENSORS_DTYPES.get(entry["dtype"])
+                if kind is None:
+                    raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which this loader does not read")
+                begin, end = entry["data_offsets"]
+                tensor = torch.empty(end - begin, dtype=torch.uint8)
+                file.seek(start + begin)
+                if file.readinto(tensor.numpy()) != end - begin:
+                    raise ValueError(f"the file ends inside tensor {name!r}")
+                tensor = tensor.view(kind).reshape(entry["shape"])
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state[name] = tensor.to(device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # json's errors are ValueErrors
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+    return state
+
+
+def load_assigned(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Assigns `state`'s tensors to `model` (no copy into preallocated weights). Parameters tied under several
+    names (a language model's input and output embeddings, saved once) are tied again afterwards. Returns
+    (missing, unexpected) keys, as `load_state_dict` does."""
     tied: dict[int, list[str]] = defaultdict(list)
     for name, parameter in model.named_parameters(remove_duplicate=False):
         tied[id(parameter)].append(name)
     groups = [names for names in tied.values() if len(names) > 1]
+    state = dict(state)
     for names in groups:  # a tied group is complete when any of its names was saved
         saved = next((name for name in names if name in state), None)
         if saved is not None:
@@ -84,8 +112,7 @@ def load_assigned(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch
                 state.setdefault(name, state[saved])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     for names in groups:
-        owner, attribute = _owner(model, names[0])
-        shared = getattr(owner, attribute)
+        shared = getattr(*_owner(model, names[0]))
         for name in names[1:]:
             setattr(*_owner(model, name), shared)
     return list(missing), list(unexpected)
