@@ -50,7 +50,7 @@ def load_model(folder: str, device: str | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # one GPU per rank under torchrun / deepspeed
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    return UniPerceiver.from_pretrained(folder).to(device).eval()
+    return UniPerceiver.from_pretrained(folder, device=device)
 
 
 def write_json(path: str | Path, results: dict) -> Path:

@@ -257,7 +257,7 @@ def write_run_examples(recipe, export: str | Path, output: str | Path,
     from uniperceiver import UniPerceiver
 
     rows, _, config = resolve_shapes_data("test", spec)
-    model = UniPerceiver.from_pretrained(export).to(device or "cpu")
+    model = UniPerceiver.from_pretrained(export, device=device)
     options.setdefault("categories", list(config.shapes))
     path = write_examples_grid(model, rows, Path(output) / EXAMPLES_FILE, answer_list(config), **options)
     print(f"examples of the test split: {path}")

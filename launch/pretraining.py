@@ -330,7 +330,7 @@ def zero_shot_evaluation(recipe: Recipe, export: Path, output: Path, progress: b
     from data_recipes.shapes import build_shapes_dataset
     from uniperceiver import UniPerceiver
     test, train, config = resolve_shapes_data("test", spec)
-    model = UniPerceiver.from_pretrained(export).to(device or "cpu")
+    model = UniPerceiver.from_pretrained(export, device=device)
     results = {"test": evaluate_shapes(model, dataset=DatasetDict(train=train, test=test), config=config,
                                        batch_size=recipe.eval.batch_size, progress=progress)}
     atomic_json(output / "eval_test.json", results["test"])
