@@ -93,8 +93,9 @@ def test_a_torn_last_log_line_does_not_break_resume(finished_run, tmp_path):
         log.write('{"event": "step", "step": 5, "task": "retr')  # a crash in the middle of a write
     run(output, "--resume")
     assert [line["step"] for line in read_log(output)] == [1, 2, 3, 4]
+    resumed = model_state(output, 4)
     for key, value in model_state(finished_run, 4).items():
-        assert torch.equal(model_state(output, 4)[key], value), key
+        assert torch.equal(resumed[key], value), key
 
 
 def test_skipped_images_go_to_the_log_and_the_summary(tmp_path, monkeypatch):
@@ -126,8 +127,9 @@ def test_decoding_in_workers_resumes_exactly(tmp_path):
     run(split, "--stop-after", "2", steps=4, workers=2)
     run(split, "--resume", steps=4, workers=1)
     assert [(l["step"], l["loss"]) for l in read_log(split)] == [(l["step"], l["loss"]) for l in read_log(straight)]
+    resumed = model_state(split, 4)
     for key, value in model_state(straight, 4).items():
-        assert torch.equal(model_state(split, 4)[key], value), key
+        assert torch.equal(resumed[key], value), key
 
 
 def test_augmentation_is_seeded_per_sample_and_refuses_target_changing_transforms():
