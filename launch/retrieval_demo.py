@@ -4,6 +4,7 @@ them by text or by an example picture.
     python launch/retrieval_demo.py --model runs/shapes-tiny/export --images photos/ [--videos clips/] \\
         [--index DIR] --query "a red circle" --top 5 --out hits.png
     python launch/retrieval_demo.py --model DIR --images photos/ --query-image example.png
+    python launch/retrieval_demo.py --model DIR --images photos/ --serve     # the web page on 127.0.0.1:7860
 
 Each run first brings the index up to date (only new or changed files are embedded; deleted ones are dropped; a
 build killed at any moment resumes to the same index), then prints each hit's score, path, video time and box,
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-frames", type=int, default=16, help="frames per video at most")
     parser.add_argument("--no-boxes", action="store_true", help="do not index detected regions")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--serve", action="store_true", help="then serve the web page until interrupted")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -103,6 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
                 sheet = contact_sheet(hits, f"{'regions' if args.regions else 'pictures'} for: {query}")
                 atomic_write(Path(args.out), lambda f: sheet.save(f, format="PNG"))
                 print(f"contact sheet: {args.out}")
+        if args.serve:
+            from launch.retrieval.web import create_app
+            from launch.web import serve
+
+            print(f"serving the retrieval page on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+            serve(create_app(index, [f for f in (args.images, args.videos) if f]), args.host, args.port)
         return result
     finally:
         index.close()

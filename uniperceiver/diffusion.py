@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -330,9 +330,11 @@ class DiffusionBranch(nn.Module):
 
     @torch.no_grad()
     def sample(self, condition: Condition, unconditional: Condition, seeds: Sequence[int],
-               steps: int = 20, guidance: float = 3.0, progress: bool = False) -> Tensor:
+               steps: int = 20, guidance: float = 3.0, progress: bool = False,
+               callback: Callable[[int, int], None] | None = None) -> Tensor:
         """Pictures (B, 3, H, W) in [-1, 1]; picture i starts from the noise of `seeds[i]` alone, so that it
-        depends on its prompt and seed only, not on the rest of the batch."""
+        depends on its prompt and seed only, not on the rest of the batch. `callback(done, total)` after each
+        step (a demo's progress bar)."""
         if steps < 1:
             raise ValueError(f"generate_images: steps={steps}; expected at least 1")
         device, dtype = condition.states.device, self.projection.weight.dtype
@@ -348,11 +350,13 @@ class DiffusionBranch(nn.Module):
             from tqdm.auto import tqdm
             timesteps = tqdm(timesteps, desc="sampling", leave=False)
         with self.averaged_weights():
-            for t in timesteps:
+            for done, t in enumerate(timesteps, 1):
                 model_input = scheduler.scale_model_input(sample, t)
                 prediction = self.guided_prediction(model_input, t.reshape(1).to(device), condition, unconditional,
                                                     guidance)
                 sample = scheduler.step(prediction, t, sample).prev_sample
+                if callback is not None:
+                    callback(done, steps)
         if self.vae is not None:
             vae_dtype = next(self.vae.parameters()).dtype
             sample = self.vae.decode(sample.to(vae_dtype) / self.vae.config.scaling_factor).sample

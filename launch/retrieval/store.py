@@ -51,7 +51,8 @@ class IndexStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.folder / STORE_FILE)
+        # one connection, shared by a web server's threads under the caller's lock
+        self.db = sqlite3.connect(self.folder / STORE_FILE, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")      # a reader never sees half a transaction
         self.db.execute("PRAGMA synchronous=NORMAL")    # WAL: a power cut may lose the last commit, never corrupt
         self.db.executescript(SCHEMA)
