@@ -101,6 +101,10 @@ def test_wrong_inputs_raise_errors_that_name_the_argument(model, tmp_path):
         model.answer([picture(0), picture(1)], ["a", "b", "c"], ANSWERS)
     with pytest.raises(TypeError, match=r"answers\[1\]: expected a string, got int"):
         model.answer(picture(0), "what?", ["yes", 2])
+    with torch.no_grad():  # one string is one text, not a list of its characters
+        torch.testing.assert_close(model.encode_text("a red circle"), model.encode_text(["a red circle"]))
+    with pytest.raises(TypeError, match=r"texts\[0\]: expected a string, got int"):
+        model.encode_text([3])
     with pytest.raises(ValueError, match="classify: pass class_names or class_embeddings"):
         model.classify(picture(0))
     with pytest.raises(ValueError, match=r"class_embeddings must be \(num_classes, 64\)"):

@@ -349,8 +349,9 @@ class UniPerceiver(nn.Module):
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """Texts -> (B, embed_dim) embeddings (unit norm), encoded as candidate texts of an image task
-        (class names, answers, captions; see `attributes.py` for why every caller shares that role)."""
-        tokens, valid = self.text_tokens(texts)
+        (class names, answers, captions; see `attributes.py` for why every caller shares that role). One string is
+        a batch of one."""
+        tokens, valid = self.text_tokens(_text_list(texts, "texts"))
         kinds = torch.full(valid.shape, int(Modality.TEXT), device=valid.device)
         return self.readout(self._spe_output(tokens, kinds, TEXT_CANDIDATE, valid))
 
