@@ -15,10 +15,14 @@ import torch
 from torch import nn
 
 
-def weights_fingerprint(module: nn.Module) -> int:
-    """Changes whenever a parameter or buffer of `module` is replaced or modified in place."""
-    return hash(tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
-                      (*module.parameters(), *module.buffers())))
+def weights_fingerprint(module: nn.Module) -> int | None:
+    """Changes whenever a parameter or buffer of `module` is replaced or modified in place; None for weights made
+    under `torch.inference_mode()`, which keep no version counter (their values are then never cached)."""
+    try:
+        return hash(tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
+                          (*module.parameters(), *module.buffers())))
+    except RuntimeError:
+        return None
 
 
 class WeightsCache:
@@ -42,6 +46,8 @@ class WeightsCache:
         if not self.enabled or torch.is_grad_enabled():
             return compute()
         fingerprint = weights_fingerprint(module)
+        if fingerprint is None:
+            return compute()
         if fingerprint != self._fingerprint:
             self._entries.clear()
             self._fingerprint = fingerprint
