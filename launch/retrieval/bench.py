@@ -111,8 +111,7 @@ def faiss_alone(size: int, dim: int, queries: int) -> dict:
         if kind == "exact":
             index = faiss.IndexFlatIP(dim)
         else:
-            index = faiss.IndexHNSWFlat(dim, index_module.HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = index_module.HNSW_EF_SEARCH
+            index = index_module.hnsw_index(dim)
         index.add(vectors)
         built = time.perf_counter() - start
         times, tops = [], []
