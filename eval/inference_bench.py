@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {row['model']} | {row['dtype']} | {row['case']} | {row['seconds']:.3f} | "
               f"{row['items_per_second']:.1f} | {gain} |")
 
-    from data_recipes.shapes import build_shapes_dataset
-    shapes = build_shapes_dataset()["test"]["image"][:args.agreement_pictures]
+    from data_recipes.shapes import ShapesConfig, build_shapes_dataset  # the tiny recipe's world
+    shapes = build_shapes_dataset(None, ShapesConfig(train_size=6000))["test"]["image"][:args.agreement_pictures]
     agree = {name: agreement(models[(name, "float32")], models[(name, "bfloat16")], shapes) for name in folders}
     print("\n| model | bf16 vs fp32: embedding cosine (min / mean) | same greedy captions |\n|---|---:|---:|")
     for name, row in agree.items():
