@@ -126,7 +126,5 @@ def cli() -> None:
         raise SystemExit(2)
 
 
-if __name__ == "__main__":
-    if __package__ in (None, ""):  # run as a script: make the project importable as in `python -m`
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # the project is installed (pip install -e .), so the script imports it as is
     cli()

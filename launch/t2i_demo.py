@@ -11,7 +11,6 @@ only.
 """
 
 import argparse
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -221,7 +220,5 @@ def main(argv: list[str] | None = None):
     return pictures
 
 
-if __name__ == "__main__":
-    if __package__ in (None, ""):  # run as a script: make the project importable as in `python -m`
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # the project is installed (pip install -e .), so the script imports it as is
     main()
