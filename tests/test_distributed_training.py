@@ -209,6 +209,10 @@ loss = clip_loss(local_images, local_texts, scale)
 loss.backward()
 torch.save({"loss": loss.detach(), "images": local_images.grad, "texts": local_texts.grad},
            os.environ["OUT"] + f"/rank{rank}.pt")
+# Leave together and tear the group down: a rank that exits with gloo's threads still up dies in std::terminate
+# ("terminate called without an active exception"), as this script did now and then.
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
