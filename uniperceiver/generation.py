@@ -155,9 +155,3 @@ def decode(model, word_indices: Tensor) -> list[str]:
         texts.append(model.tokenizer.decode(vocab_ids[words].tolist(), skip_special_tokens=True).strip())
     return texts
 
-
-@torch.no_grad()
-def beam_search(model, images: Tensor, beams: int = 1, max_length: int = 20,
-                prompts: Sequence[str] | None = None) -> list[str]:
-    """Captions (or, with `prompts`, open-ended answers) as strings; see `search`."""
-    return decode(model, search(model, images, beams, max_length, prompts).word_indices)

@@ -35,10 +35,10 @@ from .diffusion import DiffusionBranch, DiffusionConfig, zero3_partitioned
 from .generation import packed_positions
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .masks import padded_caption_attention_mask
-from .processing import PROCESSOR_FILE, ImageProcessor, processor_for
+from .processing import PROCESSOR_FILE, ImageProcessor
 from .readout import DEFAULT_FAMILIES, SimilarityReadout
 from .region_proposals import Proposals, RegionConfig, RegionProposalNetwork, RegionTokens
-from .text_encoder import TextEncoder, TextEncoderConfig, end_of_text_id
+from .text_encoder import DTYPES, TextEncoder, TextEncoderConfig, end_of_text_id
 
 ARCHITECTURE = "UniPerceiver"
 CONFIG_FILE, WEIGHTS_FILE, TEXT_FOLDER = "config.json", "model.safetensors", "text_model"
@@ -144,10 +144,9 @@ def _text_list(texts: Any, argument: str, batch: int | None = None) -> list[str]
 def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in named:
-        raise ValueError(f"dtype {dtype!r}: expected a torch dtype or one of {sorted(named)}")
-    return named[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected a torch dtype or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _from_dict(kind, data: dict[str, Any], source: str):
@@ -180,7 +179,9 @@ class UniPerceiver(nn.Module):
             self._build_detection(config.detection, width)
         # diffusion_root: a saved model's diffusion/ folder, which replaces config.diffusion.pretrained
         self.diffusion = DiffusionBranch(config.diffusion, width, diffusion_root) if config.diffusion else None
-        self.image_processor = processor_for(config.image.image_size)  # from_pretrained reads the saved one
+        # the release's evaluation preprocessing at the model's size (what every task trains on); from_pretrained
+        # reads the saved one
+        self.image_processor = ImageProcessor(size=config.image.image_size)
         self.cache = WeightsCache()  # vocabulary, class, answer and category embeddings of the current weights
 
     def _build_detection(self, config: RegionConfig, width: int) -> None:

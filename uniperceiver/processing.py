@@ -213,10 +213,5 @@ def to_pil(item: Any, where: str = "image"):
                     f"got {type(item).__name__}")
 
 
-def processor_for(image_size: int) -> ImageProcessor:
-    """The processor of a model saved before processors were: the release's evaluation preprocessing at its size."""
-    return ImageProcessor(size=image_size)
-
-
-__all__ = ["ImageProcessor", "PROCESSOR_FILE", "as_picture_list", "processor_for", "to_pil"]
+__all__ = ["ImageProcessor", "PROCESSOR_FILE", "as_picture_list", "to_pil"]
 

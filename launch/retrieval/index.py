@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -216,13 +215,17 @@ class RetrievalIndex:
         stamp = _read_json(self.folder / DERIVED_FILE)
         if stamp.get("generation") != generation or not all(
                 (self.folder / f"{name}.faiss").exists() for name in ("pictures", "regions")):
+            import faiss
+
+            from launch.training.files import atomic_json, atomic_write
+
             for regions, name in ((False, "pictures"), (True, "regions")):
                 ids, vectors = self.store.embeddings(regions, self.dim)
-                _atomic(self.folder / f"{name}.npy", lambda path, v=vectors: np.save(path, v))
-                _atomic(self.folder / f"{name}_ids.npy", lambda path, i=ids: np.save(path, i))
-                _atomic(self.folder / f"{name}.faiss", lambda path, v=vectors: _write_faiss(build_faiss(v), path))
-            _atomic(self.folder / DERIVED_FILE, lambda path: Path(path).write_text(json.dumps(
-                {"generation": generation, **self.store.counts()})))
+                atomic_write(self.folder / f"{name}.npy", lambda f, v=vectors: np.save(f, v))
+                atomic_write(self.folder / f"{name}_ids.npy", lambda f, i=ids: np.save(f, i))
+                atomic_write(self.folder / f"{name}.faiss",
+                             lambda f, v=vectors: f.write(faiss.serialize_index(build_faiss(v)).tobytes()))
+            atomic_json(self.folder / DERIVED_FILE, {"generation": generation, **self.store.counts()})
         self._searchers = None
 
     def _searcher(self, regions: bool):
@@ -260,8 +263,9 @@ class RetrievalIndex:
         hits = self._nearest(vector, top, regions=False)
         if region_vector is not None and hits:
             query_region = region_vector.float().cpu().numpy()[0]
+            regions_of_hits = self.store.regions_of([hit.entry_id for hit in hits])
             for hit in hits:
-                found = self.store.regions_of([hit.entry_id])[hit.entry_id]
+                found = regions_of_hits[hit.entry_id]
                 if found:
                     scores = np.stack([r.embedding for r in found]) @ query_region
                     best = int(scores.argmax())
@@ -307,21 +311,6 @@ def hnsw_index(dim: int):
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.hnsw.efSearch = HNSW_EF_SEARCH
     return index
-
-
-def _write_faiss(index, path) -> None:
-    import faiss
-    faiss.write_index(index, str(path))
-
-
-def _atomic(path: Path, write) -> None:
-    """`write(temporary_path)`, then a rename: a killed build leaves the old file or the new one, never half."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict:

@@ -59,13 +59,20 @@ def scan(folder: str | os.PathLike, suffixes: tuple[str, ...], kind: str) -> lis
 
 
 def read_picture(path: str) -> Image.Image:
-    """An RGB picture, fully decoded now (so that a truncated file fails here, not later)."""
+    """An RGB picture, fully decoded now by the data layer's reader (a truncated file fails here, not later)."""
+    from data_recipes.samples import MissingImageError, UnreadableImageError, load_image
+
     try:
-        with Image.open(path) as picture:
-            picture.load()
-            return picture.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return load_image(path)
+    except UnreadableImageError as error:
+        raise UnreadableMediaError(path, f"not a readable picture ({error.reason})") from error
+    except (MissingImageError, Image.DecompressionBombError) as error:
         raise UnreadableMediaError(path, f"not a readable picture ({error})") from error
+
+
+def picture_of(path: str, time: float | None) -> Image.Image:
+    """What an index entry shows: the picture file, or the video's frame at `time` seconds."""
+    return read_picture(path) if time is None else frame_at(path, time)
 
 
 def sample_video(path: str, every_seconds: float = 2.0, max_frames: int = 16) -> Iterator[Frame]:

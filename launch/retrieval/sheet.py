@@ -9,18 +9,13 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from .index import Hit
-from .media import frame_at, read_picture
+from .media import picture_of
 
 THUMB = 160
 CAPTION_LINES = 3
 LINE = 12
 MARGIN = 6
 BOX = (255, 0, 255)
-
-
-def hit_picture(hit: Hit) -> Image.Image:
-    """The picture a hit points to: the file, or the video's frame at the hit's time."""
-    return read_picture(hit.path) if hit.time is None else frame_at(hit.path, hit.time)
 
 
 def draw_box(picture: Image.Image, box, width: int = 2) -> Image.Image:
@@ -42,7 +37,7 @@ def contact_sheet(hits: Sequence[Hit], title: str, columns: int = 5) -> Image.Im
         x = MARGIN + (rank % columns) * (THUMB + MARGIN)
         y = LINE + 2 * MARGIN + (rank // columns) * cell_height
         try:
-            picture = hit_picture(hit)
+            picture = picture_of(hit.path, hit.time)
             scale = THUMB / max(picture.size)  # small pictures are enlarged too, pixel for pixel
             box = None if hit.box is None else [v * scale for v in hit.box]
             picture = draw_box(picture.resize((max(1, round(picture.width * scale)),

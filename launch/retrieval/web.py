@@ -83,7 +83,7 @@ def create_app(index, roots: list[str | Path]):
     from fastapi.responses import HTMLResponse, Response
     from PIL import Image, UnidentifiedImageError
 
-    from .media import UnreadableMediaError, frame_at, read_picture
+    from .media import UnreadableMediaError, picture_of
 
     allowed = [Path(root).expanduser().resolve() for root in roots]
     lock = threading.Lock()  # the model and the SQLite connection serve one request at a time
@@ -94,9 +94,14 @@ def create_app(index, roots: list[str | Path]):
         return {"hits": [{**hit.__dict__, "width": entries[hit.entry_id].width,
                           "height": entries[hit.entry_id].height} for hit in hits]}
 
-    def check_top(top: int) -> None:
+    def run_search(query, top: int, regions: int) -> dict:
         if not 1 <= top <= MAX_TOP:
             raise HTTPException(400, f"top must be in 1..{MAX_TOP}")
+        with lock:
+            try:
+                return hits_json(index.search(query, top=top, regions=bool(regions)))
+            except ValueError as error:
+                raise HTTPException(400, str(error)) from error
 
     @app.get("/", response_class=HTMLResponse)
     def home() -> str:
@@ -104,29 +109,19 @@ def create_app(index, roots: list[str | Path]):
 
     @app.get("/api/search")
     def search(q: str = Query(..., max_length=MAX_QUERY_CHARS), top: int = 10, regions: int = 0) -> dict:
-        check_top(top)
         if not q.strip():
             raise HTTPException(400, "an empty query")
-        with lock:
-            try:
-                return hits_json(index.search(q, top=top, regions=bool(regions)))
-            except ValueError as error:
-                raise HTTPException(400, str(error)) from error
+        return run_search(q, top, regions)
 
     @app.post("/api/search_image")
     async def search_image(file: UploadFile = File(...), top: int = 10, regions: int = 0) -> dict:
-        check_top(top)
         data = await read_upload(file, MAX_UPLOAD_BYTES)
         try:
             with Image.open(io.BytesIO(data)) as uploaded:
                 picture = uploaded.convert("RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
             raise HTTPException(400, f"the upload is not a readable picture ({error})") from error
-        with lock:
-            try:
-                return hits_json(index.search(picture, top=top, regions=bool(regions)))
-            except ValueError as error:
-                raise HTTPException(400, str(error)) from error
+        return run_search(picture, top, regions)
 
     @app.get("/api/status")
     def status() -> dict:
@@ -144,7 +139,7 @@ def create_app(index, roots: list[str | Path]):
         if not any(path.is_relative_to(root) for root in allowed):
             raise HTTPException(403, "not under an indexed folder")
         try:
-            picture = read_picture(str(path)) if entry.time is None else frame_at(str(path), entry.time)
+            picture = picture_of(str(path), entry.time)
         except (UnreadableMediaError, FileNotFoundError) as error:
             raise HTTPException(404, f"{path.name}: {error}") from error
         return Response(png_bytes(picture), media_type="image/png")
