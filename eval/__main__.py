@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     world = eval_world(next(model.parameters()).device)
     with torch.no_grad():
         results = suite.run(model, args, world)
+    world.close()  # not on an error: a barrier would wait for the failed rank until the timeout
     if not world.is_main:
         return None
     results["model"] = str(Path(args.model))

@@ -48,6 +48,13 @@ class EvalWorld:
         if self.world_size > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group together: every rank waits for the others, then destroys it. A rank that
+        exits while gloo's threads are still up can die in std::terminate, failing the launch."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
         if self.world_size == 1:

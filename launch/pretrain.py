@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result["eval"] = job.zero_shot_evaluation(recipe, output / EXPORT, output, progress is not None,
                                                       runtime.device)
             result["examples"] = write_run_examples(recipe, output / EXPORT, output, runtime.device)
-    runtime.barrier()
+    runtime.close()
     return result
 
 

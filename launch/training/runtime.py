@@ -37,6 +37,13 @@ class Runtime:
         if self.world_size > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """The ranks leave together and take the process group down (a rank exiting with gloo's threads up
+        can die in std::terminate). A world of one keeps its group, so a process may train again."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(tensor)
