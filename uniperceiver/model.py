@@ -174,7 +174,7 @@ class UniPerceiver(nn.Module):
         self.decoder = SharedDecoder(config.decoder)
         self.readout = SimilarityReadout(width, config.embed_dim, config.families)
         self.register_buffer("caption_vocab", torch.tensor(self._caption_vocab(), dtype=torch.long), persistent=False)
-        self.region_proposer = self.region_tokens = None
+        self.region_proposer = self.region_tokens = self.context_score = None
         if config.detection is not None:
             self._build_detection(config.detection, width)
         # diffusion_root: a saved model's diffusion/ folder, which replaces config.diffusion.pretrained
@@ -194,6 +194,8 @@ class UniPerceiver(nn.Module):
         strides = [info[level]["reduction"] for level in config.levels]
         self.region_proposer = RegionProposalNetwork(config, channels, strides)
         self.region_tokens = RegionTokens(config, channels, strides, width)
+        # a context region's token also says how sure the proposer is of it (padding and background score ~0)
+        self.context_score = nn.Linear(1, width) if config.context_regions else None
 
     @property
     def has_detection(self) -> bool:
@@ -289,7 +291,25 @@ class UniPerceiver(nn.Module):
         return self.image_encoder.backbone, self.text_encoder.model
 
     def image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.image_encoder(images)
+        """The image's decoder tokens (global, patch and, with `detection.context_regions`, region tokens)
+        and their modality ids: what every task's input sequence starts with."""
+        if self.context_score is None:
+            return self.image_encoder(images)
+        tokens, kinds, maps = self.image_encoder.encode(images)
+        return self.with_context_regions(tokens, kinds, [maps[level] for level in self.config.detection.levels],
+                                         tuple(images.shape[-2:]))
+
+    def with_context_regions(self, tokens: Tensor, kinds: Tensor, maps: list[Tensor],
+                             image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Image tokens followed by the region tokens of the image's best `context_regions` proposals (boxes
+        found without gradients; the RoI features train with every task), in proposal order."""
+        with torch.no_grad():
+            proposals = self.propose_regions([level.detach() for level in maps], image_size,
+                                             self.config.detection.context_regions)
+        scores = (proposals.scores * proposals.valid).to(tokens.dtype)[..., None]
+        regions = self.region_tokens(maps, proposals.boxes, image_size).to(tokens.dtype) + self.context_score(scores)
+        region_kinds = torch.full(regions.shape[:2], int(Modality.REGION), device=kinds.device, dtype=kinds.dtype)
+        return torch.cat([tokens, regions], 1), torch.cat([kinds, region_kinds], 1)
 
     def text_tokens(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         features, valid = self.text_encoder(list(texts))

@@ -33,7 +33,10 @@ class RegionConfig:
     width / depth: channels and conv layers of its tower; num_proposals: regions per image kept after NMS;
     pre_nms_top_k: locations scored before NMS; nms_iou: the NMS threshold; centre_radius: in strides;
     size_per_level: level i takes boxes whose longer side lies in (size x stride_{i-1}, size x stride_i];
-    roi_size: RoI-align output side; box_frequencies: sine-cosine frequencies per box coordinate."""
+    roi_size: RoI-align output side; box_frequencies: sine-cosine frequencies per box coordinate;
+    context_regions: how many of each image's best proposals join its image tokens in every task (0: regions are
+    detection's alone). Their tokens carry the stride-4 map's view of each object, which the patch tokens
+    (stride 16 and coarser) blur away: what a question about a small shape's identity or place needs."""
     levels: tuple[int, ...] = (0, 1, 2, 3)
     width: int = 64
     depth: int = 2
@@ -44,6 +47,7 @@ class RegionConfig:
     size_per_level: float = 4.0
     roi_size: int = 7
     box_frequencies: int = 8
+    context_regions: int = 0
 
     def __post_init__(self):
         self.levels = tuple(int(level) for level in self.levels)
@@ -53,6 +57,9 @@ class RegionConfig:
         for name in ("width", "depth", "num_proposals", "pre_nms_top_k", "roi_size", "box_frequencies"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RegionConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.context_regions <= self.num_proposals:
+            raise ValueError(f"RegionConfig.context_regions must lie in [0, num_proposals={self.num_proposals}], "
+                             f"got {self.context_regions}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
