@@ -312,3 +312,42 @@ def test_the_suite_gives_a_ground_truth_detector_ap_1_and_equals_pycocotools_cal
     direct["AR@100"] = evaluator.stats[8]
     assert {key: pytest.approx(value) for key, value in direct.items()} == {
         key.split("/")[1]: value for key, value in results["metrics"].items()}
+
+
+def test_context_regions_join_every_tasks_image_tokens_and_train_with_them(offline_cache, tmp_path):  # noqa: F811
+    """With `context_regions` the best proposals' region tokens (plus their scores) follow the image's tokens in
+    every task; a classification step trains the RoI features; an export keeps them."""
+    from tasks import get_task
+    from uniperceiver import UniPerceiver, tiny_config
+    from uniperceiver.decoder import Modality
+
+    with pytest.raises(ValueError, match="context_regions"):
+        RegionConfig(num_proposals=4, context_regions=5)
+    torch.manual_seed(0)
+    plain = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE}, detection=DETECTION)).eval()
+    model = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
+                                     detection={**DETECTION, "context_regions": 3})).eval()
+    images = torch.randn(2, 3, 64, 64)
+    tokens, kinds = model.image_tokens(images)
+    base_tokens, base_kinds = model.image_encoder(images)
+    assert tokens.shape[1] == base_tokens.shape[1] + 3 == plain.image_tokens(images)[0].shape[1] + 3
+    assert torch.equal(tokens[:, :-3], base_tokens) and torch.equal(kinds[:, :-3], base_kinds)
+    assert (kinds[:, -3:] == int(Modality.REGION)).all()
+    _, _, maps = model.image_features(images)
+    proposals = model.propose_regions(maps, (64, 64), 3)
+    expected = model.region_tokens(maps, proposals.boxes, (64, 64)) + model.context_score(
+        (proposals.scores * proposals.valid)[..., None])
+    assert torch.allclose(tokens[:, -3:], expected, atol=1e-6)
+
+    task = get_task("classification", class_names=["red", "blue"], image_size=64)
+    batch = {"images": images, "labels": torch.tensor([0, 1]), "class_names": ["red", "blue"]}
+    model.train()
+    model(task, batch).backward()
+    model.eval()
+    trained = [model.region_tokens.feature_proj.weight, model.region_tokens.box_proj.weight, model.context_score.weight]
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)
+    assert all(p.grad.abs().max() == 0 for p in model.region_proposer.parameters())  # boxes come without gradients
+
+    loaded = UniPerceiver.from_pretrained(model.save_pretrained(tmp_path / "export"))
+    assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+    assert loaded.config.detection.context_regions == 3
