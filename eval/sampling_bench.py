@@ -2,7 +2,8 @@
 
 Times `generate_images` (DPM-Solver++, classifier-free guidance: two UNet passes a step in one doubled batch) for
 a batch of prompts: the branch of a saved model at its own size, and the same UNet built at every `--sizes` side
-(random weights: the time does not depend on them). Prints a table and writes JSON (default
+(random weights: the time does not depend on them), each in float32 and under bfloat16 autocast (`bf16=True`;
+the table gives how far its pictures are from float32's). Prints a table and writes JSON (default
 bench_results/sampling.json). The cases are timed in turn within each repeat and the median kept, so that their
 ratios come from one run on a noisy machine."""
 from __future__ import annotations
@@ -12,6 +13,7 @@ import statistics
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 PROMPTS = ["a red circle", "a green square", "a blue triangle", "a yellow star", "a purple diamond",
@@ -58,23 +60,34 @@ def main(argv: list[str] | None = None) -> dict:
         if size != base.diffusion.image_size:
             cases[f"{size} px (same UNet)"] = model_at(base, size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.pictures)]
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for name, model in cases.items():  # warm-up
-        model.generate_images(prompts[:2], steps=2, guidance=args.guidance)
+    seeds = list(range(len(prompts)))
+    runs = [(name, bf16) for name in cases for bf16 in (False, True)]
+    times: dict[tuple[str, bool], list[float]] = {run: [] for run in runs}
+    pictures: dict[tuple[str, bool], list] = {}
+    for name, bf16 in runs:  # warm-up
+        cases[name].generate_images(prompts[:2], steps=2, guidance=args.guidance, bf16=bf16)
     for _ in range(args.repeats):
-        for name, model in cases.items():
+        for name, bf16 in runs:
             start = time.perf_counter()
-            model.generate_images(prompts, steps=args.steps, guidance=args.guidance, seed=list(range(len(prompts))))
-            times[name].append(time.perf_counter() - start)
-    rows = {name: {"seconds": statistics.median(values), "runs": values,
-                   "unet_parameters": sum(p.numel() for p in cases[name].diffusion.unet.parameters())}
-            for name, values in times.items()}
+            pictures[name, bf16] = cases[name].generate_images(prompts, steps=args.steps, guidance=args.guidance,
+                                                               seed=seeds, bf16=bf16)
+            times[name, bf16].append(time.perf_counter() - start)
+    rows = {}
+    for name in cases:
+        float32, bf16 = statistics.median(times[name, False]), statistics.median(times[name, True])
+        difference = max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+                         for a, b in zip(pictures[name, False], pictures[name, True]))
+        rows[name] = {"seconds": float32, "runs": times[name, False], "bf16_seconds": bf16,
+                      "bf16_runs": times[name, True], "bf16_speedup": float32 / bf16,
+                      "bf16_max_pixel_difference": difference,
+                      "unet_parameters": sum(p.numel() for p in cases[name].diffusion.unet.parameters())}
     print(f"\n{args.pictures} pictures, {args.steps} DPM-Solver++ steps, guidance {args.guidance}, "
           f"{torch.get_num_threads()} threads (median of {args.repeats})\n")
-    print("| case | seconds | per picture | UNet parameters |\n|---|---:|---:|---:|")
+    print("| case | float32 s | bf16 s | bf16 speed-up | bf16 max pixel difference (of 255) | UNet parameters |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
-        print(f"| {name} | {row['seconds']:.2f} | {row['seconds'] / args.pictures:.3f} | "
-              f"{row['unet_parameters'] / 1e6:.2f}M |")
+        print(f"| {name} | {row['seconds']:.2f} | {row['bf16_seconds']:.2f} | {row['bf16_speedup']:.2f}x | "
+              f"{row['bf16_max_pixel_difference']} | {row['unet_parameters'] / 1e6:.2f}M |")
     result = {"pictures": args.pictures, "steps": args.steps, "guidance": args.guidance,
               "threads": torch.get_num_threads(), "cases": rows}
     write_json(args.out, result)

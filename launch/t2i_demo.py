@@ -50,11 +50,11 @@ def check_request(prompt: str, images: int, steps: int, guidance: float) -> None
 
 
 def generate(model, prompt: str, images: int = 4, steps: int = 20, guidance: float = 3.0, seed: int = 0,
-             negative: str | None = None, callback=None) -> list:
+             negative: str | None = None, callback=None, bf16: bool = False) -> list:
     check_request(prompt, images, steps, guidance)
     return model.generate_images([prompt] * images, steps=steps, guidance=guidance,
                                  seed=[seed + k for k in range(images)],
-                                 negative_prompt=negative or None, callback=callback)
+                                 negative_prompt=negative or None, callback=callback, bf16=bf16)
 
 
 SCRIPT = r"""
@@ -104,9 +104,9 @@ BODY = """
 """
 
 
-def create_app(model):
+def create_app(model, bf16: bool = False):
     """The web page and its API: POST /api/generate starts a job (one at a time on the model), GET /api/jobs/ID
-    reports its progress, GET /api/jobs/ID/K.png is its picture K."""
+    reports its progress, GET /api/jobs/ID/K.png is its picture K. `bf16`: draw under bfloat16 autocast."""
     from fastapi import HTTPException
     from fastapi.responses import HTMLResponse, Response
     from pydantic import BaseModel
@@ -145,7 +145,8 @@ def create_app(model):
                 with model_lock:
                     job["pictures"] = generate(model, request.prompt, request.images, request.steps, request.guidance,
                                                request.seed, request.negative,
-                                               callback=lambda done, total: job.update(done=done, total=total))
+                                               callback=lambda done, total: job.update(done=done, total=total),
+                                               bf16=bf16)
                 job["finished"] = True
             except Exception as error:  # reported to the page, not lost in a thread
                 job["error"] = f"{type(error).__name__}: {error}"
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--bf16", action="store_true", help="draw under bfloat16 autocast: about twice as fast on "
+                        "CPUs with AVX-512 BF16 or AMX and on recent GPUs, pictures a few levels off float32's")
     return parser
 
 
@@ -206,10 +209,11 @@ def main(argv: list[str] | None = None):
     if args.serve:
         from launch.web import serve
         print(f"serving the text-to-image page on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-        serve(create_app(model), args.host, args.port)
+        serve(create_app(model, args.bf16), args.host, args.port)
         return None
     try:
-        pictures = generate(model, args.prompt, args.images, args.steps, args.guidance, args.seed, args.negative)
+        pictures = generate(model, args.prompt, args.images, args.steps, args.guidance, args.seed, args.negative,
+                            bf16=args.bf16)
     except ValueError as error:
         raise SystemExit(str(error)) from error
     from launch.training.files import atomic_write

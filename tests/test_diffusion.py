@@ -132,6 +132,21 @@ def test_samples_depend_on_prompt_and_seed_only():
 
 
 @pytest.mark.usefixtures("offline_cache")
+def test_bf16_sampling_stays_near_float32_and_sampling_leaves_the_weights_as_they_were():
+    """Sampling lays the UNet's weights out channels-last and back: the training side must find them contiguous and
+    unchanged. bfloat16 autocast changes the pictures by a few levels only, and is deterministic too."""
+    model = tiny_model()
+    before = {name: p.detach().clone() for name, p in model.diffusion.unet.named_parameters()}
+    float32 = as_array(model.generate_images(PROMPTS, steps=4, seed=[1, 2]))
+    assert all(p.is_contiguous() and torch.equal(p, before[name]) for name, p in model.diffusion.unet.named_parameters())
+    bf16 = as_array(model.generate_images(PROMPTS, steps=4, seed=[1, 2], bf16=True))
+    assert np.array_equal(bf16, as_array(model.generate_images(PROMPTS, steps=4, seed=[1, 2], bf16=True)))
+    difference = np.abs(bf16 - float32)
+    print("bf16 vs float32: mean", difference.mean(), "max", difference.max())
+    assert difference.mean() < 2.0 and difference.max() <= 16
+
+
+@pytest.mark.usefixtures("offline_cache")
 def test_the_export_round_trip_gives_identical_samples(tmp_path):
     from tasks import get_task
     from uniperceiver import UniPerceiver
@@ -331,7 +346,8 @@ def test_the_sampling_benchmark_prints_a_table_and_writes_json(tmp_path, capsys)
     model.save_pretrained(tmp_path / "export")
     result = sampling_bench.main(["--model", str(tmp_path / "export"), "--pictures", "2", "--steps", "2",
                                   "--sizes", "32", "--repeats", "1", "--out", str(tmp_path / "sampling.json")])
-    assert len(result["cases"]) == 2 and all(case["seconds"] > 0 for case in result["cases"].values())
+    assert len(result["cases"]) == 2 and all(case["seconds"] > 0 and case["bf16_seconds"] > 0
+                                             for case in result["cases"].values())
     assert json.loads((tmp_path / "sampling.json").read_text())["steps"] == 2
     assert "| 32 px (same UNet) |" in capsys.readouterr().out
 

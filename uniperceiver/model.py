@@ -508,11 +508,13 @@ class UniPerceiver(nn.Module):
     @torch.no_grad()
     def generate_images(self, prompts: Sequence[str] | str, steps: int = 20, guidance: float | None = None,
                         seed: int | Sequence[int] = 0, negative_prompt: str | Sequence[str] | None = None,
-                        progress: bool = False, callback=None) -> list:
+                        progress: bool = False, callback=None, bf16: bool = False) -> list:
         """Text to image: one PIL picture per prompt, by DPM-Solver++ in `steps` steps with classifier-free
         guidance (`guidance`, default the config's; against the learned null condition, or the decoder's states
         of `negative_prompt`). `seed` is one seed for every picture or one per prompt: a picture depends on its
-        prompt and seed only. `callback(done, total)` is called after each sampling step."""
+        prompt and seed only. `callback(done, total)` is called after each sampling step. `bf16`: run the UNet
+        under bfloat16 autocast, about twice as fast on CPUs with AVX-512 BF16 or AMX and on recent GPUs; the
+        pictures then differ from float32's by a few levels of 255."""
         from .diffusion import to_pil
 
         self._require_diffusion()
@@ -537,7 +539,8 @@ class UniPerceiver(nn.Module):
                     raise ValueError(f"generate_images: {len(negatives)} negative prompts for {len(prompts)} prompts")
                 unconditional = branch.condition(*self.prompt_states(negatives))
             pictures = branch.sample(condition, unconditional, seeds, steps,
-                                     branch.config.guidance if guidance is None else guidance, progress, callback)
+                                     branch.config.guidance if guidance is None else guidance, progress, callback,
+                                     bf16=bf16)
         finally:
             self.train(was_training)
         return to_pil(pictures)
