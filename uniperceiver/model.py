@@ -513,7 +513,7 @@ class UniPerceiver(nn.Module):
         guidance (`guidance`, default the config's; against the learned null condition, or the decoder's states
         of `negative_prompt`). `seed` is one seed for every picture or one per prompt: a picture depends on its
         prompt and seed only. `callback(done, total)` is called after each sampling step. `bf16`: run the UNet
-        under bfloat16 autocast, about twice as fast on CPUs with AVX-512 BF16 or AMX and on recent GPUs; the
+        under bfloat16 autocast, 1.3-1.6x as fast on a CPU with AVX-512 BF16 (measured; GPUs untested); the
         pictures then differ from float32's by a few levels of 255."""
         from .diffusion import to_pil
 
