@@ -316,7 +316,7 @@ def test_the_suite_gives_a_ground_truth_detector_ap_1_and_equals_pycocotools_cal
 
 def test_context_regions_join_every_tasks_image_tokens_and_train_with_them(offline_cache, tmp_path):  # noqa: F811
     """With `context_regions` the best proposals' region tokens (plus their scores) follow the image's tokens in
-    every task; a classification step trains the RoI features; an export keeps them."""
+    every task; a classification step trains their RoI projections and not detection's; an export keeps them."""
     from tasks import get_task
     from uniperceiver import UniPerceiver, tiny_config
     from uniperceiver.decoder import Modality
@@ -335,7 +335,7 @@ def test_context_regions_join_every_tasks_image_tokens_and_train_with_them(offli
     assert (kinds[:, -3:] == int(Modality.REGION)).all()
     _, _, maps = model.image_features(images)
     proposals = model.propose_regions(maps, (64, 64), 3)
-    expected = model.region_tokens(maps, proposals.boxes, (64, 64)) + model.context_score(
+    expected = model.context_tokens(maps, proposals.boxes, (64, 64)) + model.context_score(
         (proposals.scores * proposals.valid)[..., None])
     assert torch.allclose(tokens[:, -3:], expected, atol=1e-6)
 
@@ -344,9 +344,12 @@ def test_context_regions_join_every_tasks_image_tokens_and_train_with_them(offli
     model.train()
     model(task, batch).backward()
     model.eval()
-    trained = [model.region_tokens.feature_proj.weight, model.region_tokens.box_proj.weight, model.context_score.weight]
+    trained = [model.context_tokens.feature_proj.weight, model.context_tokens.box_proj.weight,
+               model.context_score.weight]
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)
-    assert all(p.grad.abs().max() == 0 for p in model.region_proposer.parameters())  # boxes come without gradients
+    # the boxes come without gradients, and detection's own region tokens stay detection's
+    detection_head = [*model.region_proposer.parameters(), *model.region_tokens.parameters()]
+    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in detection_head)
 
     loaded = UniPerceiver.from_pretrained(model.save_pretrained(tmp_path / "export"))
     assert torch.equal(loaded.encode_image(images), model.encode_image(images))
