@@ -308,8 +308,7 @@ class UniPerceiver(nn.Module):
         """Image tokens followed by the region tokens of the image's best `context_regions` proposals (boxes
         found without gradients; the RoI features train with every task), in proposal order."""
         with torch.no_grad():
-            proposals = self.propose_regions([level.detach() for level in maps], image_size,
-                                             self.config.detection.context_regions)
+            proposals = self.propose_regions(maps, image_size, self.config.detection.context_regions)
         scores = (proposals.scores * proposals.valid).to(tokens.dtype)[..., None]
         regions = self.context_tokens(maps, proposals.boxes, image_size).to(tokens.dtype) + self.context_score(scores)
         region_kinds = torch.full(regions.shape[:2], int(Modality.REGION), device=kinds.device, dtype=kinds.dtype)
@@ -340,7 +339,7 @@ class UniPerceiver(nn.Module):
             loss = loss + 0.0 * self._idle_detection_term(loss)
         if family == "detection" and self.context_tokens is not None and zero3_partitioned(
                 self.context_tokens.parameters()):  # detection reads no context regions
-            loss = loss + 0.0 * self._idle_detection_term(loss, self.context_tokens, self.context_score)
+            loss = loss + 0.0 * self._idle_context_term(loss)
         # The branch and the image encoder idle on each other's steps; only ZeRO-3 needs them run (the engine's
         # touch_every_parameter gives idle parameters their zero gradient otherwise, for 10% less time a step).
         if self.has_diffusion and family != "diffusion" and zero3_partitioned(self.diffusion.projection.parameters()):
@@ -360,19 +359,24 @@ class UniPerceiver(nn.Module):
         sample = like.new_zeros(1, branch.unet.config.in_channels, side, side)
         return branch.predict(sample, like.new_zeros(1, dtype=torch.long), condition).sum()
 
-    def _idle_detection_term(self, like: Tensor, region_tokens: nn.Module | None = None,
-                             score: nn.Module | None = None) -> Tensor:
-        """The detection head (or only the given region-token modules) run on one-pixel zero maps: a step that
-        does not use them gives their parameters a zero gradient rather than none, for the same ZeRO-3 reason
-        as the temperatures above."""
+    def _zero_maps(self, like: Tensor) -> tuple[list[Tensor], Tensor]:
+        """One-pixel zero maps at the detection levels' widths and one box on them: what the idle terms run."""
         channels = [lateral.in_channels for lateral in self.region_proposer.lateral]
-        maps = [like.new_zeros(1, c, 1, 1) for c in channels]
-        box = like.new_tensor([[[0.0, 0.0, 1.0, 1.0]]])
-        if region_tokens is not None:
-            return region_tokens(maps, box, (1, 1)).sum() + score(like.new_zeros(1, 1)).sum()
+        return [like.new_zeros(1, c, 1, 1) for c in channels], like.new_tensor([[[0.0, 0.0, 1.0, 1.0]]])
+
+    def _idle_detection_term(self, like: Tensor) -> Tensor:
+        """The detection head run on one-pixel zero maps: a step of another task gives its parameters a zero
+        gradient rather than none, for the same ZeRO-3 reason as the temperatures above."""
+        maps, box = self._zero_maps(like)
         dense = self.region_proposer(maps)
         tokens = self.region_tokens(maps, box, (1, 1))
         return dense.objectness.sum() + dense.centreness.sum() + dense.distances.sum() + tokens.sum()
+
+    def _idle_context_term(self, like: Tensor) -> Tensor:
+        """The context regions' modules on the same zero maps, for detection's steps (which read no context
+        regions), for the same reason."""
+        maps, box = self._zero_maps(like)
+        return self.context_tokens(maps, box, (1, 1)).sum() + self.context_score(like.new_zeros(1, 1)).sum()
 
     def encode_image(self, images) -> Tensor:
         """Pictures (PIL, paths, numpy, tensors; see `prepare_images`) -> (B, embed_dim) embeddings (unit norm)."""
