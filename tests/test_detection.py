@@ -354,3 +354,44 @@ def test_context_regions_join_every_tasks_image_tokens_and_train_with_them(offli
     loaded = UniPerceiver.from_pretrained(model.save_pretrained(tmp_path / "export"))
     assert torch.equal(loaded.encode_image(images), model.encode_image(images))
     assert loaded.config.detection.context_regions == 3
+
+
+def test_named_context_regions_carry_detections_embedding_of_their_box_without_training_detection(offline_cache):  # noqa: F811
+    """With `context_names` each context region's token adds a projection of detection's own embedding of its
+    box (the decoder's region embedding, what the category names are ranked against); another task's step
+    trains that projection and gives the decoder no gradient through the names (they are found without one)."""
+    from tasks import get_task
+    from uniperceiver import UniPerceiver, tiny_config
+
+    with pytest.raises(ValueError, match="context_names"):
+        RegionConfig(num_proposals=4, context_names=True)
+    torch.manual_seed(0)
+    model = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
+                                     detection={**DETECTION, "context_regions": 3, "context_names": True})).eval()
+    images = torch.randn(2, 3, 64, 64)
+    tokens, _ = model.image_tokens(images)
+    base_tokens, base_kinds, maps = model.image_features(images)
+    proposals = model.propose_regions(maps, (64, 64), 3)
+    names = model.region_embeddings(base_tokens, base_kinds, maps, proposals.boxes, proposals.valid, (64, 64))
+    scores = (proposals.scores * proposals.valid)[..., None]
+    expected = (model.context_tokens(maps, proposals.boxes, (64, 64)) + model.context_score(scores)
+                + model.context_name(names * scores.gt(0)))
+    assert torch.allclose(tokens[:, -3:], expected, atol=1e-6)
+    # the names change the tokens: without them the same regions read differently
+    assert not torch.allclose(expected, expected - model.context_name(names * scores.gt(0)), atol=1e-3)
+
+    task = get_task("classification", class_names=["red", "blue"], image_size=64)
+    batch = {"images": images, "labels": torch.tensor([0, 1]), "class_names": ["red", "blue"]}
+    model.train()
+    model(task, batch).backward()
+    assert model.context_name.weight.grad is not None and model.context_name.weight.grad.abs().max() > 0
+    detection_head = [*model.region_proposer.parameters(), *model.region_tokens.parameters()]
+    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in detection_head)
+
+    # a detection step reads no context regions: the projection gets a zero gradient, not none
+    model.zero_grad()
+    detection = get_task("detection", category_names=["circle", "square"], image_size=64)
+    boxes = [torch.tensor([[8.0, 8.0, 24.0, 24.0]]), torch.tensor([[30.0, 30.0, 50.0, 50.0]])]
+    model(detection, {"images": images, "boxes": boxes, "labels": [torch.tensor([0]), torch.tensor([1])],
+                      "category_names": ["circle", "square"]}).backward()
+    assert model.context_name.weight.grad is None or model.context_name.weight.grad.abs().max() == 0

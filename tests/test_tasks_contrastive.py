@@ -10,7 +10,8 @@ from PIL import Image
 
 import tasks
 from tasks.classification import ClassificationTask, imagenet_class_names, imagenet_templates
-from tasks.retrieval import clip_loss
+from tasks.negatives import check_word_groups, negative_captions, swap_words
+from tasks.retrieval import clip_loss, clip_loss_with_negatives
 from uniperceiver import UniPerceiver, tiny_config
 from tiny_model import TINY_BACKBONE, overfit
 
@@ -63,6 +64,74 @@ def test_clip_loss_is_the_symmetric_cross_entropy_of_scaled_cosines():
     (grad,) = torch.autograd.grad(loss, images)
     (expected_grad,) = torch.autograd.grad(expected, images)
     torch.testing.assert_close(grad, expected_grad)
+
+
+SHAPE_WORDS = [["circle", "square", "triangle", "star", "diamond"]]
+
+
+def test_swapped_word_negatives_change_one_kind_of_word_and_keep_plurals_and_articles():
+    import random
+
+    groups = check_word_groups(SHAPE_WORDS + [["red", "orange"]])
+    rng = random.Random(0)
+    text = "a red circle and two orange stars"
+    variants = {swap_words(text, groups, rng) for _ in range(200)}
+    assert text not in variants and None not in variants
+    # one word replaced by another of its group (plural kept), or two words of a group exchanged
+    assert "a red square and two orange stars" in variants and "a red circle and two orange diamonds" in variants
+    assert "a red star and two orange circles" in variants
+    assert "an orange circle and two orange stars" in variants  # the article follows the new word
+    assert all(len(v.split()) == len(text.split()) for v in variants)
+    assert swap_words("two blue boxes", groups, rng) is None
+    # per-sample seeds: the same draws for the same seeds, none for a text without grouped words
+    first = negative_captions([text, "nothing to swap"], groups, 2, seeds=[5, 6])
+    assert first == negative_captions([text, "nothing to swap"], groups, 2, seeds=[5, 6])
+    assert len(first) == 2 and len(set(first)) == 2 and text not in first
+    for bad in ("circle", [["circle"]], [["circle", "circle"]], [["circle", "square"], ["square", "star"]]):
+        with pytest.raises(ValueError, match="negative_words"):
+            check_word_groups(bad)
+
+
+def test_clip_loss_with_negatives_adds_them_to_each_images_candidates_only():
+    torch.manual_seed(0)
+    images = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    texts = F.normalize(torch.randn(4, 8), dim=-1)
+    negatives = F.normalize(torch.randn(3, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    labels = torch.arange(4)
+    per_image = scale * images @ torch.cat([texts, negatives]).T
+    expected = (F.cross_entropy(per_image, labels) + F.cross_entropy(scale * texts @ images.T, labels)) / 2
+    torch.testing.assert_close(clip_loss_with_negatives(images, texts, negatives, scale), expected)
+    # without negatives it is the plain loss; a negative close to an image's own text costs more
+    torch.testing.assert_close(clip_loss_with_negatives(images, texts, negatives[:0], scale),
+                               clip_loss(images, texts, scale))
+    close = F.normalize(texts[:1] + 0.1 * torch.randn(1, 8), dim=-1)
+    assert clip_loss_with_negatives(images, texts, close, scale) > clip_loss_with_negatives(images, texts, -close,
+                                                                                            scale)
+
+
+def test_retrieval_with_negative_words_ranks_each_picture_against_its_swapped_captions(new_model):
+    model = new_model(0)
+    with pytest.raises(ValueError, match="negative_words"):
+        tasks.get_task("retrieval", negative_words=["circle", "square"])
+    with pytest.raises(ValueError, match="negatives_per_text"):
+        tasks.get_task("retrieval", negative_words=SHAPE_WORDS, negatives_per_text=0)
+    task = tasks.get_task("retrieval", negative_words=SHAPE_WORDS)
+    captions = [f"a {name} square" for name in COLOURS]
+    samples = [{"image": image, "caption": caption, "sample_seed": i}
+               for i, (image, caption) in enumerate(zip(colour_images(), captions))]
+    batch = task.format_batch(samples)
+    assert len(batch["negative_texts"]) == 4 and batch["negative_texts"] == task.format_batch(samples)["negative_texts"]
+    assert all(n.startswith(f"a {name} ") and not n.endswith("square")
+               for n, name in zip(batch["negative_texts"], COLOURS))
+    with torch.no_grad():
+        images, texts = model.encode_image(batch["images"]), model.encode_text(captions)
+        negatives = model.encode_text(batch["negative_texts"])
+        expected = clip_loss_with_negatives(images, texts, negatives, model.readout.scale("retrieval"))
+        torch.testing.assert_close(task.loss(model, batch), expected)
+        plain = {key: value for key, value in batch.items() if key != "negative_texts"}
+        torch.testing.assert_close(task.loss(model, plain), clip_loss(images, texts, model.readout.scale("retrieval")))
+        assert task.loss(model, batch) > task.loss(model, plain)
 
 
 def test_retrieval_overfits_four_pairs(new_model):

@@ -175,6 +175,7 @@ class UniPerceiver(nn.Module):
         self.readout = SimilarityReadout(width, config.embed_dim, config.families)
         self.register_buffer("caption_vocab", torch.tensor(self._caption_vocab(), dtype=torch.long), persistent=False)
         self.region_proposer = self.region_tokens = self.context_tokens = self.context_score = None
+        self.context_name = None
         if config.detection is not None:
             self._build_detection(config.detection, width)
         # diffusion_root: a saved model's diffusion/ folder, which replaces config.diffusion.pretrained
@@ -200,6 +201,8 @@ class UniPerceiver(nn.Module):
             # proposer is (padding and background proposals score about 0).
             self.context_tokens = RegionTokens(config, channels, strides, width)
             self.context_score = nn.Linear(1, width)
+            if config.context_names:
+                self.context_name = nn.Linear(self.config.embed_dim, width)
 
     @property
     def has_detection(self) -> bool:
@@ -306,11 +309,17 @@ class UniPerceiver(nn.Module):
     def with_context_regions(self, tokens: Tensor, kinds: Tensor, maps: list[Tensor],
                              image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Image tokens followed by the region tokens of the image's best `context_regions` proposals (boxes
-        found without gradients; the RoI features train with every task), in proposal order."""
+        found without gradients; the RoI features train with every task), in proposal order. With
+        `context_names`, each also carries detection's embedding of its box, found without gradients: the other
+        tasks read what detection learns to name and cannot pull detection away from naming."""
         with torch.no_grad():
             proposals = self.propose_regions(maps, image_size, self.config.detection.context_regions)
+            names = None if self.context_name is None else self.region_embeddings(
+                tokens, kinds, maps, proposals.boxes, proposals.valid, image_size)
         scores = (proposals.scores * proposals.valid).to(tokens.dtype)[..., None]
         regions = self.context_tokens(maps, proposals.boxes, image_size).to(tokens.dtype) + self.context_score(scores)
+        if names is not None:
+            regions = regions + self.context_name(names.to(tokens.dtype) * scores.gt(0))
         region_kinds = torch.full(regions.shape[:2], int(Modality.REGION), device=kinds.device, dtype=kinds.dtype)
         return torch.cat([tokens, regions], 1), torch.cat([kinds, region_kinds], 1)
 
@@ -376,7 +385,10 @@ class UniPerceiver(nn.Module):
         """The context regions' modules on the same zero maps, for detection's steps (which read no context
         regions), for the same reason."""
         maps, box = self._zero_maps(like)
-        return self.context_tokens(maps, box, (1, 1)).sum() + self.context_score(like.new_zeros(1, 1)).sum()
+        term = self.context_tokens(maps, box, (1, 1)).sum() + self.context_score(like.new_zeros(1, 1)).sum()
+        if self.context_name is not None:
+            term = term + self.context_name(like.new_zeros(1, self.config.embed_dim)).sum()
+        return term
 
     def encode_image(self, images) -> Tensor:
         """Pictures (PIL, paths, numpy, tensors; see `prepare_images`) -> (B, embed_dim) embeddings (unit norm)."""

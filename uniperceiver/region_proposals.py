@@ -36,7 +36,10 @@ class RegionConfig:
     roi_size: RoI-align output side; box_frequencies: sine-cosine frequencies per box coordinate;
     context_regions: how many of each image's best proposals join its image tokens in every task (0: regions are
     detection's alone). Their tokens carry the stride-4 map's view of each object, which the patch tokens
-    (stride 16 and coarser) blur away: what a question about a small shape's identity or place needs."""
+    (stride 16 and coarser) blur away: what a question about a small shape's identity or place needs;
+    context_names: whether each context region also carries its detection embedding (the decoder's region
+    embedding, what detection ranks the category names against; found without gradients), so that every task
+    reads what detection has learned to name, as object tags in region-based vision-language models."""
     levels: tuple[int, ...] = (0, 1, 2, 3)
     width: int = 64
     depth: int = 2
@@ -48,6 +51,7 @@ class RegionConfig:
     roi_size: int = 7
     box_frequencies: int = 8
     context_regions: int = 0
+    context_names: bool = False
 
     def __post_init__(self):
         self.levels = tuple(int(level) for level in self.levels)
@@ -60,6 +64,8 @@ class RegionConfig:
         if not 0 <= self.context_regions <= self.num_proposals:
             raise ValueError(f"RegionConfig.context_regions must lie in [0, num_proposals={self.num_proposals}], "
                              f"got {self.context_regions}")
+        if self.context_names and not self.context_regions:
+            raise ValueError("RegionConfig.context_names needs context_regions >= 1: only context regions carry names")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
