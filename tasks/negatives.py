@@ -84,10 +84,11 @@ def swap_words(text: str, groups: list[list[str]], rng: random.Random) -> str | 
 
 
 def negative_captions(texts: Sequence[str], groups: list[list[str]], per_text: int,
-                      seeds: Sequence[int] | None = None) -> list[str]:
+                      seeds: Sequence[int] | None = None) -> tuple[list[str], list[int]]:
     """Up to `per_text` distinct swapped variants of each text (none for a text without grouped words), drawn
-    from `seeds[i]` (the data stream's per-sample seeds: a resumed run draws the same) or from the text itself."""
-    negatives = []
+    from `seeds[i]` (the data stream's per-sample seeds: a resumed run draws the same) or from the text itself;
+    and for each variant the index of the text it was made from."""
+    negatives, owners = [], []
     for i, text in enumerate(texts):
         rng = random.Random(f"negatives:{seeds[i]}" if seeds is not None else f"negatives:{text}")
         made: list[str] = []
@@ -100,4 +101,5 @@ def negative_captions(texts: Sequence[str], groups: list[list[str]], per_text: i
             if len(made) == per_text:
                 break
         negatives += made
-    return negatives
+        owners += [i] * len(made)
+    return negatives, owners

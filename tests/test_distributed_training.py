@@ -234,3 +234,43 @@ def test_clip_loss_gathers_with_gradient_across_two_ranks(tmp_path):
     for name, full in (("images", images.grad), ("texts", texts.grad)):
         gathered = torch.cat([ranks[0][name], ranks[1][name]]) / 2  # the average over ranks of the same weights
         torch.testing.assert_close(gathered, full, msg=name)
+
+
+NEGATIVES_RANKS = """
+import os, torch, torch.distributed as dist
+from tasks.retrieval import clip_loss_with_negatives
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+images, texts = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+negatives = torch.randn(8, 16, dtype=torch.float64)
+scale = torch.tensor(10.0, dtype=torch.float64)
+mine = slice(4 * rank, 4 * rank + 4)
+their_negatives = slice(0, 3) if rank == 0 else slice(3, 8)  # unequal counts: the gather pads
+local = [t[part].clone().requires_grad_() for t, part in ((images, mine), (texts, mine), (negatives, their_negatives))]
+loss = clip_loss_with_negatives(*local, scale)
+loss.backward()
+torch.save({"loss": loss.detach(), "images": local[0].grad, "texts": local[1].grad, "negatives": local[2].grad},
+           os.environ["OUT"] + f"/rank{rank}.pt")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_hard_negatives_are_gathered_with_gradient_across_two_ranks(tmp_path):
+    """Each picture is ranked against every rank's negatives (the ranks hold 3 and 5 of them): the ranks' mean
+    loss and gradients are those of one process with the whole batch and all the negatives."""
+    from tasks.retrieval import clip_loss_with_negatives
+
+    script = tmp_path / "negative_ranks.py"
+    script.write_text(NEGATIVES_RANKS)
+    run_ranks([str(script)], world_size=2, env={"OUT": str(tmp_path)})
+    torch.manual_seed(0)
+    whole_inputs = [torch.randn(8, 16, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    whole = clip_loss_with_negatives(*whole_inputs, torch.tensor(10.0, dtype=torch.float64), rank=0, world_size=1)
+    whole.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, whole.detach())
+    for name, full in zip(("images", "texts", "negatives"), (t.grad for t in whole_inputs)):
+        gathered = torch.cat([ranks[0][name], ranks[1][name]]) / 2
+        torch.testing.assert_close(gathered, full, msg=name)

@@ -11,7 +11,7 @@ from PIL import Image
 import tasks
 from tasks.classification import ClassificationTask, imagenet_class_names, imagenet_templates
 from tasks.negatives import check_word_groups, negative_captions, swap_words
-from tasks.retrieval import clip_loss, clip_loss_with_negatives
+from tasks.retrieval import clip_loss, clip_loss_with_negatives, negative_separation
 from uniperceiver import UniPerceiver, tiny_config
 from tiny_model import TINY_BACKBONE, overfit
 
@@ -84,9 +84,9 @@ def test_swapped_word_negatives_change_one_kind_of_word_and_keep_plurals_and_art
     assert all(len(v.split()) == len(text.split()) for v in variants)
     assert swap_words("two blue boxes", groups, rng) is None
     # per-sample seeds: the same draws for the same seeds, none for a text without grouped words
-    first = negative_captions([text, "nothing to swap"], groups, 2, seeds=[5, 6])
-    assert first == negative_captions([text, "nothing to swap"], groups, 2, seeds=[5, 6])
-    assert len(first) == 2 and len(set(first)) == 2 and text not in first
+    first, owners = negative_captions([text, "nothing to swap"], groups, 2, seeds=[5, 6])
+    assert (first, owners) == negative_captions([text, "nothing to swap"], groups, 2, seeds=[5, 6])
+    assert len(first) == 2 and len(set(first)) == 2 and text not in first and owners == [0, 0]
     for bad in ("circle", [["circle"]], [["circle", "circle"]], [["circle", "square"], ["square", "star"]]):
         with pytest.raises(ValueError, match="negative_words"):
             check_word_groups(bad)
@@ -110,6 +110,26 @@ def test_clip_loss_with_negatives_adds_them_to_each_images_candidates_only():
                                                                                             scale)
 
 
+def test_negative_separation_penalises_captions_that_embed_like_their_own_negatives_only():
+    torch.manual_seed(0)
+    texts = F.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
+    near = F.normalize(texts.detach()[[0, 0, 2]] + 0.05 * torch.randn(3, 8), dim=-1)
+    far = F.normalize(torch.randn(3, 8), dim=-1)
+    scale = torch.tensor(20.0, requires_grad=True)
+    owners = [0, 0, 2]
+    cosines = (texts[owners] * near).sum(-1)
+    assert (cosines > 0.9).all()
+    loss = negative_separation(texts, near, owners, 0.9, scale)
+    torch.testing.assert_close(loss, (20.0 * (cosines - 0.9)).mean())
+    loss.backward()
+    assert texts.grad.abs().sum() > 0 and scale.grad is None  # the temperature is not pulled down by it
+    assert negative_separation(texts, far, owners, 0.9, scale) == 0  # negatives already apart cost nothing
+    with pytest.raises(ValueError, match="negative_margin"):
+        tasks.get_task("retrieval", negative_words=SHAPE_WORDS, negative_margin=1.5)
+    with pytest.raises(ValueError, match="negative_margin needs negative_words"):
+        tasks.get_task("retrieval", negative_margin=0.9)
+
+
 def test_retrieval_with_negative_words_ranks_each_picture_against_its_swapped_captions(new_model):
     model = new_model(0)
     with pytest.raises(ValueError, match="negative_words"):
@@ -129,6 +149,11 @@ def test_retrieval_with_negative_words_ranks_each_picture_against_its_swapped_ca
         negatives = model.encode_text(batch["negative_texts"])
         expected = clip_loss_with_negatives(images, texts, negatives, model.readout.scale("retrieval"))
         torch.testing.assert_close(task.loss(model, batch), expected)
+        margin = tasks.get_task("retrieval", negative_words=SHAPE_WORDS, negative_margin=-1.0)
+        separation = negative_separation(texts, negatives, batch["negative_owners"], -1.0,
+                                         model.readout.scale("retrieval"))
+        assert separation > 0
+        torch.testing.assert_close(margin.loss(model, batch), expected + separation)
         plain = {key: value for key, value in batch.items() if key != "negative_texts"}
         torch.testing.assert_close(task.loss(model, plain), clip_loss(images, texts, model.readout.scale("retrieval")))
         assert task.loss(model, batch) > task.loss(model, plain)

@@ -264,7 +264,7 @@ def test_tiny_recipe_loads():
     # The tests' tiny model, with the recipe's wider backbone, finer patch tokens, deeper decoder and context regions.
     backbone = {"channels": 24, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0}
     detection = {"levels": [0, 1, 2, 3], "width": 64, "depth": 2, "roi_size": 7, "num_proposals": 8,
-                 "pre_nms_top_k": 100, "context_regions": 4}
+                 "pre_nms_top_k": 100, "context_regions": 4, "context_names": True}
     assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1], "backbone_overrides": backbone},
                                                 decoder={"depth": 4}, detection=detection,
                                                 diffusion={"image_size": 32, "block_out_channels": [32, 64, 96],
@@ -273,6 +273,8 @@ def test_tiny_recipe_loads():
     assert recipe.sampler().task_at(5) == recipe.sampler().task_at(5)
     built = recipe.build_tasks()
     assert [task.name for task in built.values()] == recipe.task_names
+    assert built["retrieval"].negative_words == [["circle", "square", "triangle", "star", "diamond"]]
+    assert built["retrieval"].negatives_per_text == 2 and built["retrieval"].negative_margin == 0.9
     assert built["classification"].class_names == ["red", "green", "blue", "yellow", "purple", "orange"]
     assert resolve_recipe("tiny") == resolve_recipe(str(resolve_recipe("tiny")))
     with pytest.raises(FileNotFoundError, match="built-in recipes: .*'tiny'"):
