@@ -132,12 +132,14 @@ class RetrievalTask(Task):
     def loss(self, model, batch: dict[str, Any]) -> Tensor:
         image_embeddings, text_embeddings = self.embeddings(model, batch)
         scale = model.readout.scale(self.family)
-        negatives = batch.get("negative_texts")
-        if not negatives:
+        if self.negative_words is None or "negative_texts" not in batch:
             return clip_loss(image_embeddings, text_embeddings, scale)
-        negative_embeddings = model.encode_text(negatives)
+        # A batch whose captions hold no grouped word still takes the same path (with no negatives), so that every
+        # rank joins the negatives' gather.
+        negatives = batch["negative_texts"]
+        negative_embeddings = model.encode_text(negatives) if negatives else text_embeddings[:0]
         loss = clip_loss_with_negatives(image_embeddings, text_embeddings, negative_embeddings, scale)
-        if self.negative_margin is not None:
+        if self.negative_margin is not None and negatives:
             loss = loss + negative_separation(text_embeddings, negative_embeddings, batch["negative_owners"],
                                               self.negative_margin, scale)
         return loss

@@ -157,6 +157,11 @@ def test_retrieval_with_negative_words_ranks_each_picture_against_its_swapped_ca
         plain = {key: value for key, value in batch.items() if key != "negative_texts"}
         torch.testing.assert_close(task.loss(model, plain), clip_loss(images, texts, model.readout.scale("retrieval")))
         assert task.loss(model, batch) > task.loss(model, plain)
+        # captions without a grouped word give no negatives, and the loss (on the same path) is the plain one
+        bare = task.format_batch([{**sample, "caption": f"a {name} box"} for sample, name in zip(samples, COLOURS)])
+        assert bare["negative_texts"] == [] and bare["negative_owners"] == []
+        torch.testing.assert_close(margin.loss(model, bare), clip_loss(
+            images, model.encode_text(bare["texts"]), model.readout.scale("retrieval")))
 
 
 def test_retrieval_overfits_four_pairs(new_model):
