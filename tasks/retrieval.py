@@ -27,12 +27,17 @@ def clip_loss(image_embeddings: Tensor, text_embeddings: Tensor, logit_scale: Te
     Embeddings are unit-norm (B, D) with row i of each a pair; `logit_scale` is the multiplier itself (already
     exponentiated), as open_clip expects and as `SimilarityReadout.scale` returns. rank / world size default to
     the initialised process group's."""
+    return open_clip_loss(rank, world_size)(image_embeddings, text_embeddings, logit_scale)
+
+
+def open_clip_loss(rank: int | None = None, world_size: int | None = None):
+    """open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)` for `rank` of `world_size` (default: the
+    initialised process group's)."""
     from open_clip.loss import ClipLoss  # imported on first use: open_clip pulls in its whole model zoo
 
     if rank is None or world_size is None:
         rank, world_size = rank_and_world_size()
-    loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
-    return loss(image_embeddings, text_embeddings, logit_scale)
+    return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
 
 
 def negative_separation(text_embeddings: Tensor, negative_embeddings: Tensor, owners: Sequence[int],
@@ -68,15 +73,11 @@ def clip_loss_with_negatives(image_embeddings: Tensor, text_embeddings: Tensor, 
     """`clip_loss` whose image-to-text half also ranks each image against extra negative texts (N, D) (hard
     negatives; see `negatives.py`), every rank's, so that ranks match one process with the whole batch. The
     text-to-image half is open_clip's, unchanged."""
-    from open_clip.loss import ClipLoss
-
-    if rank is None or world_size is None:
-        rank, world_size = rank_and_world_size()
-    loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+    loss = open_clip_loss(rank, world_size)
     per_image, per_text = loss.get_logits(image_embeddings, text_embeddings, logit_scale)
     labels = loss.get_ground_truth(image_embeddings.device, per_image.shape[0])
-    if world_size > 1:
-        negative_embeddings = gather_negatives(negative_embeddings, rank, world_size)
+    if loss.world_size > 1:
+        negative_embeddings = gather_negatives(negative_embeddings, loss.rank, loss.world_size)
     per_image = torch.cat([per_image, logit_scale * image_embeddings @ negative_embeddings.T], dim=1)
     return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
 
@@ -101,9 +102,9 @@ class RetrievalTask(Task):
             raise ValueError(f"task 'retrieval': negative_margin is a cosine in [-1, 1), got {negative_margin}")
         if negative_margin is not None and negative_words is None:
             raise ValueError("task 'retrieval': negative_margin needs negative_words (the negatives it keeps apart)")
-        self.negative_margin = negative_margin
         if negatives_per_text < 1:
             raise ValueError(f"task 'retrieval': negatives_per_text must be >= 1, got {negatives_per_text}")
+        self.negative_margin = negative_margin
         self.negative_words = None if negative_words is None else check_word_groups(
             negative_words, "task 'retrieval': negative_words")
         self.negatives_per_text = negatives_per_text
