@@ -83,12 +83,40 @@ class VQATask(Task):
         self.mode, self.label_smoothing, self.beams, self.max_length = mode, label_smoothing, beams, max_length
 
     def format_batch(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Samples with "image", "question" and "answer" (normalised by `normalize_answer`); the task's
-        answer list goes into the batch."""
+        """Samples with "image", "question" and "answer" (normalised by `normalize_answer`), one question each;
+        or samples of whole pictures with every question asked of them, "questions" and "qa_answers" (lists,
+        as the shapes data gives without `task=vqa`), when the batch also gets "image_index" (question ->
+        picture). The task's answer list goes into the batch."""
+        if samples and all("question" not in s and "questions" in s for s in samples):
+            return self._format_grouped(samples)
         require_fields(samples, ["image", "question", "answer"], self.name)
         batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
                  "questions": [s["question"] for s in samples],
                  "answers": [normalize_answer(s["answer"]) for s in samples]}
+        if self.answer_list is not None:
+            batch["answer_list"] = self.answer_list
+        return batch
+
+    def _format_grouped(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Every question of each picture in one batch: the picture's tokens are computed once for all of them
+        (`UniPerceiver.vqa_query(image_index=...)`), so a step trains on about five times the questions of a
+        one-question-per-picture batch for the same backbone work."""
+        require_fields(samples, ["image", "questions", "qa_answers"], self.name)
+        image_index, questions, answers = [], [], []
+        for i, sample in enumerate(samples):
+            asked, answered = sample["questions"], sample["qa_answers"]
+            if not isinstance(asked, (list, tuple)) or not isinstance(answered, (list, tuple)) or len(asked) != len(
+                    answered):
+                raise ValueError(f"task {self.name!r}: sample {i} needs lists 'questions' and 'qa_answers' of one "
+                                 f"length, got {type(asked).__name__} of {len(asked)} and "
+                                 f"{type(answered).__name__} of {len(answered)}")
+            image_index += [i] * len(asked)
+            questions += list(asked)
+            answers += [normalize_answer(answer) for answer in answered]
+        if not questions:
+            raise ValueError(f"task {self.name!r}: no picture of the batch has a question")
+        batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
+                 "questions": questions, "answers": answers, "image_index": image_index}
         if self.answer_list is not None:
             batch["answer_list"] = self.answer_list
         return batch
@@ -110,21 +138,28 @@ class VQATask(Task):
                              f"{len(answer_list)} answers")
         return torch.tensor([index[answer] for answer in batch["answers"]])
 
+    @staticmethod
+    def _question_images(batch: dict[str, Any], images: Tensor) -> Tensor:
+        """One picture per question: a grouped batch's pictures repeated along its "image_index"."""
+        index = batch.get("image_index")
+        return images if index is None else images[torch.as_tensor(index, device=images.device)]
+
     def loss(self, model, batch: dict[str, Any]) -> Tensor:
         device = model.caption_vocab.device
         images = batch["images"].to(device)
         if self.mode == "generate":
             word_indices, lengths = model.caption_token_ids(batch["answers"])
-            logits = model.caption_logits(images, word_indices, lengths, prompts=batch["questions"])
+            logits = model.caption_logits(self._question_images(batch, images), word_indices, lengths,
+                                          prompts=batch["questions"])
             return caption_loss(logits, word_indices, lengths)
         targets = self.targets(batch).to(device)
-        logits = model.readout.similarity(model.vqa_query(images, batch["questions"]),
-                                          model.encode_text(self._answer_list(batch)), self.family)
+        queries = model.vqa_query(images, batch["questions"], image_index=batch.get("image_index"))
+        logits = model.readout.similarity(queries, model.encode_text(self._answer_list(batch)), self.family)
         return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def predict(self, model, batch: dict[str, Any]) -> list[str]:
-        images = batch["images"].to(model.caption_vocab.device)
+        images = self._question_images(batch, batch["images"].to(model.caption_vocab.device))
         if self.mode == "generate":
             return model.answer(images, batch["questions"], beams=self.beams, max_length=self.max_length)
         return model.answer(images, batch["questions"], self._answer_list(batch))

@@ -226,6 +226,54 @@ def test_open_ended_vqa_overfits_four_questions():
     assert model.answer(batch["images"][:1], ["what shape is it?"]) == ["circle"]
 
 
+def grouped_vqa_samples():
+    """The two pictures of `vqa_batch`, each with both of its questions (as the shapes data gives whole pictures)."""
+    pixels = images(COLOURS[:2])
+    return [{"image": pixels[i], "questions": QUESTIONS[2 * i:2 * i + 2], "qa_answers": VQA_ANSWERS[2 * i:2 * i + 2]}
+            for i in range(2)]
+
+
+def test_grouped_vqa_batch_equals_the_one_question_per_picture_batch(random_model):
+    """Every question of a picture in one batch: the picture's tokens are computed once and the queries, the loss
+    and the predictions are those of the batch that repeats the picture for each question."""
+    task = get_task("vqa", answer_list=ANSWER_LIST)
+    samples = grouped_vqa_samples()
+    grouped = task.format_batch(samples)
+    flat = task.format_batch([{"image": sample["image"], "question": q, "answer": a}
+                              for sample in samples for q, a in zip(sample["questions"], sample["qa_answers"])])
+    assert grouped["image_index"] == [0, 0, 1, 1] and grouped["images"].shape[0] == 2
+    assert grouped["questions"] == flat["questions"] and grouped["answers"] == flat["answers"]
+    model = random_model
+    calls = []
+    hook = model.image_encoder.backbone.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            queries = model.vqa_query(grouped["images"].double(), grouped["questions"],
+                                      image_index=grouped["image_index"])
+    finally:
+        hook.remove()
+    assert calls == [2]  # one backbone pass over the two pictures, not four
+    with torch.no_grad():
+        repeated = model.vqa_query(flat["images"].double(), flat["questions"])
+        torch.testing.assert_close(queries, repeated, rtol=0, atol=1e-9)
+        grouped64 = {**grouped, "images": grouped["images"].double()}
+        flat64 = {**flat, "images": flat["images"].double()}
+        torch.testing.assert_close(task.loss(model, grouped64), task.loss(model, flat64), rtol=0, atol=1e-9)
+    assert task.predict(model, grouped64) == task.predict(model, flat64)
+
+
+def test_grouped_vqa_batch_errors_name_the_sample_and_the_index(random_model):
+    task = get_task("vqa", answer_list=ANSWER_LIST)
+    samples = grouped_vqa_samples()
+    samples[1]["qa_answers"] = ["blue"]
+    with pytest.raises(ValueError, match="sample 1 needs lists 'questions' and 'qa_answers' of one length"):
+        task.format_batch(samples)
+    with pytest.raises(ValueError, match="no picture of the batch has a question"):
+        task.format_batch([{"image": images(COLOURS[:1])[0], "questions": [], "qa_answers": []}])
+    with pytest.raises(ValueError, match=r"image_index must be .* in \[0, 2\)"):
+        random_model.vqa_query(images(COLOURS[:2], dtype=torch.float64), QUESTIONS, image_index=[0, 1, 2, 1])
+
+
 # ------------------------------------------------------------------------------------------- tasks and data
 def test_tasks_are_registered_with_their_families():
     assert {"captioning", "vqa"} <= set(list_tasks())

@@ -426,9 +426,20 @@ class UniPerceiver(nn.Module):
         embeddings = self.encode_text(texts).view(len(class_names), len(templates), -1)
         return F.normalize(embeddings.mean(dim=1), dim=-1)
 
-    def vqa_query(self, images, questions: Sequence[str]) -> Tensor:
-        """[SPE, image, question, SPE query] -> the query's embedding (B, embed_dim)."""
+    def vqa_query(self, images, questions: Sequence[str], image_index: Tensor | Sequence[int] | None = None
+                  ) -> Tensor:
+        """[SPE, image, question, SPE query] -> the query's embedding (Q, embed_dim). Without `image_index` the
+        i-th question asks about the i-th picture; with it, question i asks about picture `image_index[i]`, and
+        each picture's tokens are computed once however many questions it has (training on every question of a
+        picture costs one backbone pass)."""
         image_tokens, image_kinds = self.image_tokens(self.prepare_images(images))
+        if image_index is not None:
+            image_index = torch.as_tensor(image_index, dtype=torch.long, device=image_tokens.device)
+            if image_index.dim() != 1 or (image_index.numel() and not 0 <= int(image_index.min()) <= int(
+                    image_index.max()) < image_tokens.shape[0]):
+                raise ValueError(f"vqa_query: image_index must be a 1-D list of picture indices in [0, "
+                                 f"{image_tokens.shape[0]}), got {image_index.tolist()}")
+            image_tokens, image_kinds = image_tokens[image_index], image_kinds[image_index]
         batch = image_tokens.shape[0]
         questions = _text_list(questions, "questions", batch)
         text, text_valid = self.text_tokens(questions)
