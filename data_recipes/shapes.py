@@ -19,6 +19,9 @@ separate family that training never sees, `style="shifted"`, measures what carri
 - questions are asked only when their answer is unambiguous: "what colour is the star?" only if there is one
   star; a relation holds when one box lies wholly on that side of the other ("left of": it ends before the
   other begins), and "where is ...?" only when exactly one relation holds. Answers come from `answer_list`.
+  In the training split every yes/no question also comes with its complement, one word changed and the other
+  answer ("is there a red star?" yes, "is there a red circle?" no), as VQAv2 balances its questions in pairs:
+  the answer cannot then be read from the question's words alone;
 - `objects` are COCO-style: bbox [x, y, w, h] in pixels, category = index of the shape in `config.shapes`,
   which is also the id in `coco_categories(config)`, and colour = index of the colour word in `config.colours`
   (what open-vocabulary detection of "red circle" and the like is scored against).
@@ -47,8 +50,11 @@ from .text_corpus import (CAPTION_TEMPLATES, COLOURS, COUNT_WORDS, MAX_SHAPES, P
                           SHAPES, YES_NO, count_phrase, describe, join_phrases)
 
 # Bump when a change here changes the data: cached builds are keyed by it (and by the config).
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 SPLITS = ("train", "val", "test")
+# The splits whose yes/no questions each come with their complement (`complement_yes_no`); the evaluation splits
+# ask one of each kind, so that their numbers stay comparable from one version to the next.
+COMPLEMENTED_SPLITS = ("train",)
 # Hexagons are left out by default: at 64 pixels a small one is hard to tell from a circle.
 DEFAULT_SHAPES = ("circle", "square", "triangle", "star", "diamond")
 LABEL_KINDS = ("colour", "shape")
@@ -226,10 +232,13 @@ def caption_body(scene: Scene) -> str:
     return join_phrases([describe(c, s) if n == 1 else count_phrase(n, c, s) for (c, s), n in groups.items()])
 
 
-def scene_annotations(scene: Scene, rng: random.Random, config: ShapesConfig | None = None) -> dict[str, Any]:
+def scene_annotations(scene: Scene, rng: random.Random, config: ShapesConfig | None = None,
+                      complement_rng: random.Random | None = None) -> dict[str, Any]:
     """Captions (one per caption template, the bare description first), question-answer pairs, the label and
     the COCO boxes of a scene: {"captions": [str], "qa": [{"question", "answer", "type"}], "label": int,
-    "objects": {"bbox": [[x, y, w, h]], "category": [int]}}. The questions drawn depend on `rng`."""
+    "objects": {"bbox": [[x, y, w, h]], "category": [int]}}. The questions drawn depend on `rng`; with
+    `complement_rng`, each yes/no question is followed by its complement (`complement_yes_no`), drawn from it,
+    after the questions `rng` draws (which stay the same)."""
     config = config or ShapesConfig()
     objects = scene.objects
     kinds = [(o.colour, o.shape) for o in objects]
@@ -262,6 +271,7 @@ def scene_annotations(scene: Scene, rng: random.Random, config: ShapesConfig | N
     else:
         (colour, shape), answer = rng.choice(absent), YES_NO[1]
     ask("exists", answer, "yes_no", object=describe(colour, shape))
+    complements = [("exists", colour, shape, answer)]
     # Relations between shapes that "the <colour> <shape>" names unambiguously.
     named = [o for o in objects if kinds.count((o.colour, o.shape)) == 1]
     pairs = [(a, b) for a in named for b in named if a is not b]
@@ -271,18 +281,51 @@ def scene_annotations(scene: Scene, rng: random.Random, config: ShapesConfig | N
         asked, answer = (relation, YES_NO[0]) if rng.random() < 0.5 else (RELATIONS[relation], YES_NO[1])
         ask("relation", answer, "yes_no", colour=a.colour, shape=a.shape, relation=asked,
             other_colour=b.colour, other_shape=b.shape)
+        complements.append(("relation", a, b, asked))
         clear = [(a, b) for a, b in pairs if len(relations(a, b)) == 1]
         if clear:
             a, b = rng.choice(clear)
             ask("where", relations(a, b)[0], "position", colour=a.colour, shape=a.shape,
                 other_colour=b.colour, other_shape=b.shape)
 
+    if complement_rng is not None:
+        qa += complement_yes_no(complements, kinds, complement_rng, config)
     largest = max(objects, key=lambda o: o.box[2] * o.box[3])  # unique: the others are small
     label = config.colours.index(largest.colour) if config.label == "colour" else largest.category
     body = caption_body(scene)
     return {"captions": [template.format(body) for template in CAPTION_TEMPLATES], "qa": qa, "label": label,
             "objects": {"bbox": [list(o.box) for o in objects], "category": [o.category for o in objects],
                         "colour": [config.colours.index(o.colour) for o in objects]}}
+
+
+def complement_yes_no(asked: list[tuple], kinds: list[tuple[str, str]], rng: random.Random,
+                      config: ShapesConfig) -> list[dict[str, str]]:
+    """The complement of each yes/no question: the same question with one word changed, whose answer is the other.
+    "is there <a present pair>?" -> the pair with its colour or its shape changed to one the scene lacks: no;
+    "is there <an absent pair>?" -> a present pair that shares its colour or its shape (any present pair if none
+    does): yes; "is the A <relation> the B?" -> the opposite relation, the other answer."""
+    out = []
+    for kind, *slots in asked:
+        if kind == "exists":
+            colour, shape, answer = slots
+            if answer == YES_NO[0]:
+                options = [(c, shape) for c in config.colours if (c, shape) not in kinds] + \
+                          [(colour, s) for s in config.shapes if (colour, s) not in kinds]
+            else:
+                options = [k for k in kinds if k[0] == colour or k[1] == shape] or list(kinds)
+            if not options:
+                continue
+            other = rng.choice(sorted(set(options)))
+            out.append({"question": QUESTIONS["exists"].format(object=describe(*other)),
+                        "answer": YES_NO[1] if answer == YES_NO[0] else YES_NO[0], "type": "yes_no"})
+        else:
+            a, b, relation = slots
+            flipped = RELATIONS[relation]
+            held = flipped in relations(a, b)
+            out.append({"question": QUESTIONS["relation"].format(colour=a.colour, shape=a.shape, relation=flipped,
+                                                                 other_colour=b.colour, other_shape=b.shape),
+                        "answer": YES_NO[0] if held else YES_NO[1], "type": "yes_no"})
+    return out
 
 
 def class_names(config: ShapesConfig | None = None) -> list[str]:
@@ -377,7 +420,8 @@ def generate_example(config: ShapesConfig, split: str, index: int) -> tuple[Scen
     name = f"shapes/{config.seed}/{split}/{index}"
     rng = random.Random(name)
     scene = sample_scene(rng, config, look_rng=random.Random(f"{name}/look"))
-    return scene, render_scene(scene), scene_annotations(scene, rng, config)
+    complement_rng = random.Random(f"{name}/complements") if split in COMPLEMENTED_SPLITS else None
+    return scene, render_scene(scene), scene_annotations(scene, rng, config, complement_rng)
 
 
 def _encoded_example(config: ShapesConfig, split: str, index: int) -> tuple[bytes, dict[str, Any]]:

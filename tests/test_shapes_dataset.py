@@ -233,6 +233,36 @@ def test_answers_agree_with_the_scene():
     assert 0.35 < yes_no["yes"] / (yes_no["yes"] + yes_no["no"]) < 0.65
 
 
+def test_training_yes_no_questions_come_with_their_one_word_complement():
+    """Training pictures ask each yes/no question twice, the second time with one word changed and the other
+    answer; the evaluation splits ask one, and the questions drawn before the complements stay as they were."""
+    import random
+
+    for split in ("train", "val", "test"):
+        for index in range(30):
+            scene, _, notes = generate_example(SMALL, split, index)
+            name = f"shapes/{SMALL.seed}/{split}/{index}"
+            rng = random.Random(name)
+            shapes.sample_scene(rng, SMALL, look_rng=random.Random(f"{name}/look"))
+            plain = shapes.scene_annotations(scene, rng, SMALL)["qa"]
+            asked = notes["qa"]
+            assert asked[:len(plain)] == plain
+            yes_no = [qa for qa in plain if qa["type"] == "yes_no"]
+            if split != "train":
+                assert asked == plain
+                continue
+            complements = asked[len(plain):]
+            assert len(complements) == len(yes_no) >= 1
+            for original, complement in zip(yes_no, complements):
+                words, other = original["question"].split(), complement["question"].split()
+                changed = sum(a != b for a, b in zip(words, other)) + abs(len(words) - len(other))
+                exists_pair_absent = original["answer"] == "no" and words[:2] == ["is", "there"]
+                # An absent pair's complement is a present one sharing a word when the scene has one.
+                assert 1 <= changed <= (3 if exists_pair_absent else 2), (original, complement)  # "a"/"an" may follow
+                assert {original["answer"], complement["answer"]} == {"yes", "no"}
+                assert complement["type"] == "yes_no"
+
+
 def test_every_word_is_in_the_tokenizer_corpus(tmp_path):
     data = build_shapes_dataset(tmp_path / "data", SMALL)
     texts = caption_corpus(data, with_qa=True) + answer_list(SMALL) + class_names(SMALL)
