@@ -65,7 +65,10 @@ def vqav2_answer_list(annotations_json_path: str | Path | Sequence[str | Path],
 class VQATask(Task):
     """batch: {"images": (B, 3, H, W), "questions": list[str], "answers": list[str] (targets),
     "answer_list": list[str] (candidates, mode "rank"; every target must be in it: leave out, or map, the
-    questions whose answer is not, as VQAv2 training does)}. Predictions: answer strings.
+    questions whose answer is not, as VQAv2 training does), optionally "image_index": list[int] (question i asks
+    about picture image_index[i]; without it, about picture i)}. Predictions: answer strings, one per question.
+    With several ranks and whole pictures, each rank's loss is the mean over its own questions (their number
+    varies with the pictures), as with any batch of variable size.
 
     mode: "rank" over the answer list, or "generate" open-ended answers (no answer list needed).
     label_smoothing: of the ranking loss, 0.1 as Uni-Perceiver; the generation loss is plain cross-entropy.
