@@ -91,11 +91,12 @@ class VQATask(Task):
         as the shapes data gives without `task=vqa`), when the batch also gets "image_index" (question ->
         picture). The task's answer list goes into the batch."""
         if samples and all("question" not in s and "questions" in s for s in samples):
-            return self._format_grouped(samples)
-        require_fields(samples, ["image", "question", "answer"], self.name)
-        batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
-                 "questions": [s["question"] for s in samples],
-                 "answers": [normalize_answer(s["answer"]) for s in samples]}
+            batch = self._format_grouped(samples)
+        else:
+            require_fields(samples, ["image", "question", "answer"], self.name)
+            batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
+                     "questions": [s["question"] for s in samples],
+                     "answers": [normalize_answer(s["answer"]) for s in samples]}
         if self.answer_list is not None:
             batch["answer_list"] = self.answer_list
         return batch
@@ -118,11 +119,8 @@ class VQATask(Task):
             answers += [normalize_answer(answer) for answer in answered]
         if not questions:
             raise ValueError(f"task {self.name!r}: no picture of the batch has a question")
-        batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
-                 "questions": questions, "answers": answers, "image_index": image_index}
-        if self.answer_list is not None:
-            batch["answer_list"] = self.answer_list
-        return batch
+        return {"images": stack_images([s["image"] for s in samples], self.image_size),
+                "questions": questions, "answers": answers, "image_index": image_index}
 
     def _answer_list(self, batch: dict[str, Any]) -> list[str]:
         answer_list = batch.get("answer_list", self.answer_list)
