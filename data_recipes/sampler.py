@@ -1,6 +1,12 @@
 """Unmixed task sampling (Uni-Perceiver v2): at each optimizer step every rank trains the same task, drawn from
 Categorical(ratios) by a generator seeded with (seed, step). The draw has no state, so every rank and every
-resume point agree on the task of a step without a broadcast."""
+resume point agree on the task of a step without a broadcast.
+
+A task's ratio may also move over the run (`ratios_end`): its weight goes linearly from `ratio` at step 0 to
+`ratio_end` at the last step, and the weights are normalised at each step. The probabilities of a step are a
+function of the step alone, so the draw stays stateless. A task that needs what the others learn first (VQA
+reads the shapes retrieval and detection teach the picture side) can take a small share early and a large one
+late."""
 from __future__ import annotations
 
 import math
@@ -29,10 +35,14 @@ class UnmixedTaskSampler:
 
     task_names: the tasks, in a fixed order (every rank must pass the same order);
     ratios: their sampling weights (>= 0, not all zero), normalised to probabilities;
-    seed: the run's seed.
+    seed: the run's seed;
+    ratios_end: optional weights at step `steps - 1` (None for a task keeps its ratio); between, each weight
+    moves linearly with the step, and from `steps - 1` on it stays at its end value;
+    steps: the run's length, needed with `ratios_end`.
     """
 
-    def __init__(self, task_names: Sequence[str], ratios: Sequence[float], seed: int = 0):
+    def __init__(self, task_names: Sequence[str], ratios: Sequence[float], seed: int = 0,
+                 ratios_end: Sequence[float | None] | None = None, steps: int | None = None):
         task_names, ratios = list(task_names), [float(r) for r in ratios]
         if not task_names:
             raise ValueError("UnmixedTaskSampler: no tasks")
@@ -44,23 +54,58 @@ class UnmixedTaskSampler:
         bad = {n: r for n, r in zip(task_names, ratios) if not math.isfinite(r) or r < 0}
         if bad:
             raise ValueError(f"UnmixedTaskSampler: ratios must be finite and >= 0; got {bad}")
-        total = sum(ratios)
-        if total <= 0:
+        if sum(ratios) <= 0:
             raise ValueError(f"UnmixedTaskSampler: the ratios {dict(zip(task_names, ratios))} sum to zero; "
                              "at least one task needs a positive ratio")
+        ends = self._end_ratios(task_names, ratios, ratios_end, steps)
         self.task_names = task_names
         self.seed = int(seed)
-        self.probabilities = [r / total for r in ratios]
-        # float64 cumulative bounds; the last is exactly 1 so a draw in [0, 1) always lands on a task
-        cumulative = torch.tensor(self.probabilities, dtype=torch.float64).cumsum(0)
-        cumulative[-1] = 1.0
-        self._cumulative = cumulative
+        self.ratios, self.ratios_end = ratios, ends
+        self.steps = None if ends is None else int(steps)
+        self.probabilities = self.probabilities_at(0)
+        self._cumulative = self._bounds(self.probabilities)
 
-    def probability(self, name: str) -> float:
-        """The normalised sampling ratio s_k of a task (what TBGN's `set_task` takes)."""
+    @staticmethod
+    def _end_ratios(task_names: list[str], ratios: list[float], ratios_end, steps) -> list[float] | None:
+        if ratios_end is None or all(end is None for end in ratios_end):
+            return None
+        ratios_end = list(ratios_end)
+        if len(ratios_end) != len(task_names):
+            raise ValueError(f"UnmixedTaskSampler: {len(task_names)} task names {task_names} but "
+                             f"{len(ratios_end)} end ratios")
+        ends = [r if end is None else float(end) for r, end in zip(ratios, ratios_end)]
+        bad = {n: e for n, e in zip(task_names, ends) if not math.isfinite(e) or e < 0}
+        if bad:
+            raise ValueError(f"UnmixedTaskSampler: end ratios must be finite and >= 0; got {bad}")
+        if sum(ends) <= 0:  # the weights are linear in the step: positive at both ends, positive throughout
+            raise ValueError(f"UnmixedTaskSampler: the end ratios {dict(zip(task_names, ends))} sum to zero; "
+                             "at least one task needs a positive end ratio")
+        if steps is None or int(steps) < 1:
+            raise ValueError(f"UnmixedTaskSampler: end ratios need the run's length, steps >= 1; got {steps!r}")
+        return ends
+
+    @staticmethod
+    def _bounds(probabilities: list[float]) -> torch.Tensor:
+        # float64 cumulative bounds; the last is exactly 1 so a draw in [0, 1) always lands on a task
+        cumulative = torch.tensor(probabilities, dtype=torch.float64).cumsum(0)
+        cumulative[-1] = 1.0
+        return cumulative
+
+    def probabilities_at(self, step: int) -> list[float]:
+        """The normalised sampling probabilities of step `step`, in task order."""
+        if self.ratios_end is None:
+            weights = self.ratios
+        else:
+            t = min(max(int(step), 0) / max(self.steps - 1, 1), 1.0)
+            weights = [r + (e - r) * t for r, e in zip(self.ratios, self.ratios_end)]
+        total = sum(weights)
+        return [w / total for w in weights]
+
+    def probability(self, name: str, step: int = 0) -> float:
+        """The normalised sampling ratio s_k of a task at step `step` (what TBGN's `set_task` takes)."""
         if name not in self.task_names:
             raise KeyError(f"unknown task {name!r}; the sampler has {self.task_names}")
-        return self.probabilities[self.task_names.index(name)]
+        return self.probabilities_at(step)[self.task_names.index(name)]
 
     def index_at(self, step: int) -> int:
         if step < 0:
@@ -68,8 +113,9 @@ class UnmixedTaskSampler:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(step_seed(self.seed, int(step)))
         u = torch.rand((), generator=generator, dtype=torch.float64)
+        cumulative = self._cumulative if self.ratios_end is None else self._bounds(self.probabilities_at(step))
         # right=True: a task with ratio 0 has an empty interval and is never drawn
-        return int(torch.searchsorted(self._cumulative, u, right=True).clamp_(max=len(self.task_names) - 1))
+        return int(torch.searchsorted(cumulative, u, right=True).clamp_(max=len(self.task_names) - 1))
 
     def task_at(self, step: int) -> str:
         """The task every rank trains at optimizer step `step` (all micro-steps of that step use it too)."""
@@ -85,4 +131,9 @@ class UnmixedTaskSampler:
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{n}: {p:.3g}" for n, p in zip(self.task_names, self.probabilities))
+        if self.ratios_end is not None:
+            last = self.probabilities_at(self.steps - 1)
+            shown = ", ".join(f"{n}: {p:.3g}" + (f" -> {q:.3g}" if abs(p - q) > 1e-12 else "")
+                              for n, p, q in zip(self.task_names, self.probabilities, last))
+            return f"UnmixedTaskSampler({{{shown}}}, seed={self.seed}, steps={self.steps})"
         return f"UnmixedTaskSampler({{{shown}}}, seed={self.seed})"

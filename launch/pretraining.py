@@ -260,7 +260,7 @@ def train_step(trainer: Trainer) -> dict[str, Any]:
     lr = set_learning_rate(trainer.scheduler, step)
     tbgn = recipe.optimizer.name == "tbgn"
     if tbgn:
-        trainer.optimizer.set_task(name, trainer.sampler.probability(name), entry.loss_weight)
+        trainer.optimizer.set_task(name, trainer.sampler.probability(name, step), entry.loss_weight)
     dtype = trainer.runner.compute_dtype
     outcome = trainer.runner.step(lambda: _to_device(trainer.streams[name].next_batch(), runtime.device, dtype),
                                   lambda forward, batch: forward(task, batch), weight=1.0 if tbgn else entry.loss_weight)

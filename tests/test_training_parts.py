@@ -57,6 +57,53 @@ def test_sampler_errors(names, ratios, message):
             UnmixedTaskSampler(names, [1, 1]).task_at(-1)
 
 
+def test_sampler_ratio_schedule_moves_each_weight_linearly_and_stays_stateless():
+    names = ["early", "late", "steady"]
+    sampler = UnmixedTaskSampler(names, [3.0, 0.0, 1.0], seed=3, ratios_end=[0.0, 3.0, None], steps=1001)
+    assert sampler.probabilities_at(0) == pytest.approx([0.75, 0.0, 0.25])
+    assert sampler.probabilities_at(500) == pytest.approx([0.375, 0.375, 0.25])  # halfway: weights 1.5, 1.5, 1
+    assert sampler.probabilities_at(1000) == pytest.approx([0.0, 0.75, 0.25])
+    assert sampler.probabilities_at(5000) == sampler.probabilities_at(1000)  # past the end the end ratios hold
+    assert sampler.probability("late", 250) == pytest.approx(0.75 * 0.25 / 1.0)
+    # no task with weight 0 at a step is drawn there; the shares follow the weights over a stretch of steps
+    assert sampler.task_at(0) != "late" and sampler.task_at(1000) != "early"
+    first, last = sampler.counts(range(0, 200)), sampler.counts(range(801, 1001))
+    # weights over steps 0-199 average early 0.75 -> 0.6: at least 0.58 of 200 draws is 4 binomial sds below
+    assert first["early"] > 0.58 * 200 > first["late"] and last["late"] > 0.58 * 200 > last["early"], (first, last)
+    assert abs(sampler.counts(1001)["steady"] / 1001 - 0.25) < 0.055
+    again = UnmixedTaskSampler(names, [3.0, 0.0, 1.0], seed=3, ratios_end=[0.0, 3.0, None], steps=1001)
+    assert [again.task_at(step) for step in range(1000, 0, -7)] == [sampler.task_at(s) for s in range(1000, 0, -7)]
+    # without end ratios (or with all of them None) the draws are those of the constant sampler, step for step
+    constant = UnmixedTaskSampler(names, [3.0, 0.5, 1.0], seed=3)
+    unscheduled = UnmixedTaskSampler(names, [3.0, 0.5, 1.0], seed=3, ratios_end=[None, None, None], steps=10)
+    assert [constant.task_at(s) for s in range(300)] == [unscheduled.task_at(s) for s in range(300)]
+    assert "early: 0.75 -> 0" in repr(sampler) and "steady: 0.25}" in repr(sampler)
+
+
+@pytest.mark.parametrize("ends, steps, message", [
+    ([1.0], 10, "1 end ratios"),
+    ([None, -1.0], 10, "end ratios must be finite and >= 0"),
+    ([0.0, 0.0], 10, "end ratios .* sum to zero"),
+    ([None, 2.0], None, "steps >= 1"),
+])
+def test_sampler_schedule_errors(ends, steps, message):
+    with pytest.raises(ValueError, match=message):
+        UnmixedTaskSampler(["a", "b"], [0.0, 1.0], ratios_end=ends, steps=steps)
+
+
+def test_recipe_ratio_end_reaches_the_sampler_and_is_checked():
+    recipe = load_recipe("tiny", ["tasks.vqa.ratio_end=0.6", "steps=100"])
+    sampler = recipe.sampler()
+    assert sampler.probability("vqa", 0) == pytest.approx(recipe.sampling_ratios()["vqa"])
+    ratios = {task.name: task.ratio for task in recipe.tasks}
+    assert sampler.probability("vqa", 99) == pytest.approx(0.6 / (sum(ratios.values()) - ratios["vqa"] + 0.6))
+    with pytest.raises(ValueError, match="tasks.vqa.ratio_end: expected a finite number >= 0"):
+        load_recipe("tiny", ["tasks.vqa.ratio_end=-0.5"])
+    zeros = [f"tasks.{name}.ratio_end=0" for name in ratios]
+    with pytest.raises(ValueError, match=r"tasks.\*.ratio_end: expected at least one positive weight"):
+        load_recipe("tiny", zeros)
+
+
 # ---------------------------------------------------------------------------------------------------- TBGN
 def _toy_param():
     return torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))

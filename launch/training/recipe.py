@@ -33,7 +33,8 @@ class TaskRecipe:
     """One task of the mixture. `name` addresses it in overrides and logs; `task` is the registered task it
     runs (defaults to `name`, so two entries can train one task on two datasets); `dataset` is a SPEC for
     `data_recipes.formats.open_dataset` ("shapes?split=train", "coco_karpathy:/data/coco?split=train");
-    `ratio` its sampling weight (normalised over the tasks); `batch_size` per rank; `loss_weight` the TBGN
+    `ratio` its sampling weight (normalised over the tasks at each step); `ratio_end` the weight at the last
+    step, reached linearly from `ratio` (None: constant; see `data_recipes.sampler`); `batch_size` per rank; `loss_weight` the TBGN
     weight ω (a plain loss multiplier under adamw); `kwargs` go to the task's constructor; `eval_dataset` a SPEC
     to evaluate on (None: the task is not evaluated); `augment` the training augmentation, a list of
     torchvision.transforms.v2 transforms by name with their keywords ([{ColorJitter: {brightness: 0.3}}, ...],
@@ -42,6 +43,7 @@ class TaskRecipe:
     dataset: str
     task: Union[str, None] = None
     ratio: float = 1.0
+    ratio_end: Union[float, None] = None
     batch_size: int = 16
     loss_weight: float = 1.0
     kwargs: dict = field(default_factory=dict)
@@ -146,14 +148,15 @@ class Recipe:
         return [task.name for task in self.tasks]
 
     def sampling_ratios(self) -> dict[str, float]:
-        """The normalised ratios s_k, by task name."""
+        """The normalised ratios s_k at the first step, by task name (`sampler()` gives those of any step)."""
         total = sum(task.ratio for task in self.tasks)
         return {task.name: task.ratio / total for task in self.tasks}
 
     def sampler(self):
         """The run's `UnmixedTaskSampler` (seeded with the recipe's seed)."""
         from data_recipes.sampler import UnmixedTaskSampler
-        return UnmixedTaskSampler(self.task_names, [task.ratio for task in self.tasks], self.seed)
+        return UnmixedTaskSampler(self.task_names, [task.ratio for task in self.tasks], self.seed,
+                                  [task.ratio_end for task in self.tasks], self.steps)
 
     def model_config(self):
         """The `UniPerceiverConfig` of `model` (imports the model code; unknown keys are errors)."""
@@ -192,6 +195,9 @@ class Recipe:
         for task in self.tasks:
             key = f"tasks.{task.name}"
             check(math.isfinite(task.ratio) and task.ratio >= 0, f"{key}.ratio", "a finite number >= 0", task.ratio)
+            if task.ratio_end is not None:
+                check(math.isfinite(task.ratio_end) and task.ratio_end >= 0, f"{key}.ratio_end",
+                      "a finite number >= 0, or null for a constant ratio", task.ratio_end)
             check(task.batch_size > 0, f"{key}.batch_size", "> 0", task.batch_size)
             check(math.isfinite(task.loss_weight) and task.loss_weight >= 0, f"{key}.loss_weight",
                   "a finite number >= 0", task.loss_weight)
@@ -203,6 +209,9 @@ class Recipe:
         if self.tasks and all(math.isfinite(t.ratio) and t.ratio >= 0 for t in self.tasks):
             check(sum(t.ratio for t in self.tasks) > 0, "tasks.*.ratio", "at least one positive ratio",
                   [t.ratio for t in self.tasks])
+            ends = [t.ratio if t.ratio_end is None else t.ratio_end for t in self.tasks]
+            if all(math.isfinite(e) and e >= 0 for e in ends):
+                check(sum(ends) > 0, "tasks.*.ratio_end", "at least one positive weight at the last step", ends)
         opt = self.optimizer
         check(opt.lr > 0, "optimizer.lr", "> 0", opt.lr)
         check(0 <= opt.min_lr <= opt.lr, "optimizer.min_lr", f"in [0, lr={opt.lr}]", opt.min_lr)
