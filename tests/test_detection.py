@@ -356,6 +356,32 @@ def test_context_regions_join_every_tasks_image_tokens_and_train_with_them(offli
     assert loaded.config.detection.context_regions == 3
 
 
+def test_context_regions_run_under_cpu_bf16_autocast(offline_cache):  # noqa: F811
+    """Under bfloat16 autocast on a CPU, roi_align gives bf16 features for a float32 buffer: the region tokens
+    must still build, for the image tokens and for a training step."""
+    from tasks import get_task
+    from uniperceiver import UniPerceiver, tiny_config
+
+    torch.manual_seed(0)
+    model = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
+                                     detection={**DETECTION, "context_regions": 3, "context_names": True})).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        exact, _ = model.image_tokens(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast, _ = model.image_tokens(images)
+    assert autocast.shape == exact.shape and torch.isfinite(autocast).all()
+    # the patch tokens agree to bf16's precision (the regions may be other proposals where scores nearly tie)
+    assert (autocast[:, :-3].float() - exact[:, :-3]).abs().max() < 0.05 * exact[:, :-3].abs().max()
+    task = get_task("classification", class_names=["red", "blue"], image_size=64)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(task, {"images": images, "labels": torch.tensor([0, 1]), "class_names": ["red", "blue"]})
+    loss.float().backward()
+    assert torch.isfinite(model.context_tokens.feature_proj.weight.grad).all()
+    assert model.context_tokens.feature_proj.weight.grad.abs().max() > 0
+
+
 def test_named_context_regions_carry_detections_embedding_of_their_box_without_training_detection(offline_cache):  # noqa: F811
     """With `context_names` each context region's token adds a projection of detection's own embedding of its
     box (the decoder's region embedding, what the category names are ranked against); another task's step

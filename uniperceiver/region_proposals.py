@@ -273,8 +273,9 @@ class RegionTokens(nn.Module):
             if picked.numel() == 0:
                 pooled = pooled + 0.0 * projected.sum()  # every lateral gets a gradient, as ZeRO-3 needs
                 continue
+            # under CPU autocast roi_align returns bf16 while the buffer keeps the boxes' float32
             pooled = pooled.index_put((picked,), roi_align(projected, rois[picked], size, spatial_scale=1 / stride,
-                                                           sampling_ratio=2, aligned=True))
+                                                           sampling_ratio=2, aligned=True).to(pooled.dtype))
         features = self.feature_proj(pooled.flatten(1))
         encoded = self.box_proj(box_encoding(flat, image_size, self.config.box_frequencies))
         return self.norm(features + encoded).view(batch, count, -1)
