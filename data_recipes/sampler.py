@@ -51,12 +51,7 @@ class UnmixedTaskSampler:
             raise ValueError(f"UnmixedTaskSampler: task names must be distinct; repeated: {duplicates}")
         if len(ratios) != len(task_names):
             raise ValueError(f"UnmixedTaskSampler: {len(task_names)} task names {task_names} but {len(ratios)} ratios")
-        bad = {n: r for n, r in zip(task_names, ratios) if not math.isfinite(r) or r < 0}
-        if bad:
-            raise ValueError(f"UnmixedTaskSampler: ratios must be finite and >= 0; got {bad}")
-        if sum(ratios) <= 0:
-            raise ValueError(f"UnmixedTaskSampler: the ratios {dict(zip(task_names, ratios))} sum to zero; "
-                             "at least one task needs a positive ratio")
+        self._check_weights(task_names, ratios, "ratio")
         ends = self._end_ratios(task_names, ratios, ratios_end, steps)
         self.task_names = task_names
         self.seed = int(seed)
@@ -66,7 +61,17 @@ class UnmixedTaskSampler:
         self._cumulative = self._bounds(self.probabilities)
 
     @staticmethod
-    def _end_ratios(task_names: list[str], ratios: list[float], ratios_end, steps) -> list[float] | None:
+    def _check_weights(task_names: list[str], weights: list[float], kind: str) -> None:
+        """Every weight finite and >= 0, and their sum positive; `kind` ("ratio", "end ratio") names them."""
+        bad = {n: w for n, w in zip(task_names, weights) if not math.isfinite(w) or w < 0}
+        if bad:
+            raise ValueError(f"UnmixedTaskSampler: {kind}s must be finite and >= 0; got {bad}")
+        if sum(weights) <= 0:
+            raise ValueError(f"UnmixedTaskSampler: the {kind}s {dict(zip(task_names, weights))} sum to zero; "
+                             f"at least one task needs a positive {kind}")
+
+    @classmethod
+    def _end_ratios(cls, task_names: list[str], ratios: list[float], ratios_end, steps) -> list[float] | None:
         if ratios_end is None or all(end is None for end in ratios_end):
             return None
         ratios_end = list(ratios_end)
@@ -74,12 +79,8 @@ class UnmixedTaskSampler:
             raise ValueError(f"UnmixedTaskSampler: {len(task_names)} task names {task_names} but "
                              f"{len(ratios_end)} end ratios")
         ends = [r if end is None else float(end) for r, end in zip(ratios, ratios_end)]
-        bad = {n: e for n, e in zip(task_names, ends) if not math.isfinite(e) or e < 0}
-        if bad:
-            raise ValueError(f"UnmixedTaskSampler: end ratios must be finite and >= 0; got {bad}")
-        if sum(ends) <= 0:  # the weights are linear in the step: positive at both ends, positive throughout
-            raise ValueError(f"UnmixedTaskSampler: the end ratios {dict(zip(task_names, ends))} sum to zero; "
-                             "at least one task needs a positive end ratio")
+        # the weights are linear in the step: a positive sum at both ends is a positive sum throughout
+        cls._check_weights(task_names, ends, "end ratio")
         if steps is None or int(steps) < 1:
             raise ValueError(f"UnmixedTaskSampler: end ratios need the run's length, steps >= 1; got {steps!r}")
         return ends
@@ -130,10 +131,8 @@ class UnmixedTaskSampler:
         return counts
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{n}: {p:.3g}" for n, p in zip(self.task_names, self.probabilities))
-        if self.ratios_end is not None:
-            last = self.probabilities_at(self.steps - 1)
-            shown = ", ".join(f"{n}: {p:.3g}" + (f" -> {q:.3g}" if abs(p - q) > 1e-12 else "")
-                              for n, p, q in zip(self.task_names, self.probabilities, last))
-            return f"UnmixedTaskSampler({{{shown}}}, seed={self.seed}, steps={self.steps})"
-        return f"UnmixedTaskSampler({{{shown}}}, seed={self.seed})"
+        scheduled = self.ratios_end is not None
+        last = self.probabilities_at(self.steps - 1) if scheduled else self.probabilities
+        shown = ", ".join(f"{n}: {p:.3g}" + (f" -> {q:.3g}" if abs(p - q) > 1e-12 else "")
+                          for n, p, q in zip(self.task_names, self.probabilities, last))
+        return f"UnmixedTaskSampler({{{shown}}}, seed={self.seed}" + (f", steps={self.steps})" if scheduled else ")")

@@ -30,15 +30,15 @@ def recipes_dir() -> Path:
 # ----------------------------------------------------------------------------------------------- the schema
 @dataclass
 class TaskRecipe:
-    """One task of the mixture. `name` addresses it in overrides and logs; `task` is the registered task it
-    runs (defaults to `name`, so two entries can train one task on two datasets); `dataset` is a SPEC for
-    `data_recipes.formats.open_dataset` ("shapes?split=train", "coco_karpathy:/data/coco?split=train");
-    `ratio` its sampling weight (normalised over the tasks at each step); `ratio_end` the weight at the last
-    step, reached linearly from `ratio` (None: constant; see `data_recipes.sampler`); `batch_size` per rank; `loss_weight` the TBGN
-    weight ω (a plain loss multiplier under adamw); `kwargs` go to the task's constructor; `eval_dataset` a SPEC
-    to evaluate on (None: the task is not evaluated); `augment` the training augmentation, a list of
-    torchvision.transforms.v2 transforms by name with their keywords ([{ColorJitter: {brightness: 0.3}}, ...],
-    see `launch.training.augment`), applied to each training picture before the task's preprocessing."""
+    """One task of the mixture. `name` addresses it in overrides and logs; `task` is the registered task it runs
+    (defaults to `name`, so two entries can train one task on two datasets); `dataset` is a SPEC for
+    `data_recipes.formats.open_dataset` ("shapes?split=train", "coco_karpathy:/data/coco?split=train"); `ratio` its
+    sampling weight (normalised over the tasks at each step); `ratio_end` the weight at the last step, reached
+    linearly from `ratio` (None: constant; see `data_recipes.sampler`); `batch_size` per rank; `loss_weight` the
+    TBGN weight ω (a plain loss multiplier under adamw); `kwargs` go to the task's constructor; `eval_dataset` a
+    SPEC to evaluate on (None: the task is not evaluated); `augment` the training augmentation, a list of
+    torchvision.transforms.v2 transforms by name with their keywords ([{ColorJitter: {brightness: 0.3}}, ...], see
+    `launch.training.augment`), applied to each training picture before the task's preprocessing."""
     name: str
     dataset: str
     task: Union[str, None] = None
