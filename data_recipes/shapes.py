@@ -89,7 +89,7 @@ class ShapesConfig:
     colours: tuple[str, ...] = COLOURS
     shapes: tuple[str, ...] = DEFAULT_SHAPES
     label: str = "colour"          # the class of an image: the "colour" or the "shape" of its largest shape
-    style: str = "random"          # the family of looks: "random" (training) or "shifted" (held out)
+    style: str = "random"          # the family of looks: "random" (training), "shifted" (held out) or "plain"
     duplicate_prob: float = 0.25   # chance that a further shape repeats one already there ("two red stars")
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""How a shapes scene looks: colour shades, backgrounds and drawing, in two style families.
+"""How a shapes scene looks: colour shades, backgrounds and drawing, in three style families.
 
 - "random" (the default, every split): a wide family of looks, so that a model learns colours and shapes rather
   than one renderer. Dark or light backgrounds, flat, pastel, two-tone gradients or textured noise; shades
@@ -9,6 +9,10 @@
   coverage masks on a 3x grid rather than PIL polygons on a 4x canvas). Radial vignettes, stripes and
   checkerboards in tinted mid tones; lit fills with a highlight and a light rim; fatter stars; always a JPEG
   round trip. It measures how far what a model learnt carries over to pictures drawn otherwise.
+- "plain": the random family's drawing with its nuisances taken out: a flat dark or light background, no
+  outlines, shading, noise, blur or JPEG. The shades and the geometry stay as wide. For a generative model,
+  whose every pixel is a target, the background's texture otherwise costs more of a short run than the
+  shapes do (the text-to-image branch trains on it; README).
 
 Colour words stay unambiguous: each colour's shades come from its own hue interval (the intervals do not
 touch), and every object's shade is kept well apart from the background's colours.
@@ -28,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter
 if TYPE_CHECKING:
     from .shapes import Scene, ShapeObject
 
-STYLES = ("random", "shifted")
+STYLES = ("random", "shifted", "plain")
 RGB = tuple[int, int, int]
 # Hue intervals in degrees (red wraps round 0), and saturation and value ranges, of each colour word. Wide, so
 # that the named colours of other palettes (CSS's orange at 39 degrees, purple at 300 and half value, ...)
@@ -85,15 +89,19 @@ def sample_look(rng: random.Random, style: str, shades: list[RGB]) -> Look:
     if style not in STYLES:
         raise ValueError(f"shapes style {style!r}: expected one of {STYLES}")
     for _ in range(200):
-        look = _random_look(rng) if style == "random" else _shifted_look(rng)
+        look = {"random": _random_look, "shifted": _shifted_look, "plain": _plain_look}[style](rng)
         if all(math.dist(s, c) >= MIN_CONTRAST for s in shades for c in look.colours):
             return look
     return look  # pragma: no cover - 200 draws without a contrasting background do not happen in practice
 
 
+def _dark_or_light(rng: random.Random) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The value and saturation ranges of a background tint: dark or light, even odds."""
+    return ((0.06, 0.45), (0.0, 0.35)) if rng.random() < 0.5 else ((0.78, 1.0), (0.0, 0.3))
+
+
 def _random_look(rng: random.Random) -> Look:
-    dark = rng.random() < 0.5
-    value, saturation = ((0.06, 0.45), (0.0, 0.35)) if dark else ((0.78, 1.0), (0.0, 0.3))
+    value, saturation = _dark_or_light(rng)
     kind = rng.choice(("flat", "gradient", "texture"))
     colours = [_tint(rng, value, saturation)]
     if kind == "gradient":
@@ -102,6 +110,12 @@ def _random_look(rng: random.Random) -> Look:
                 noise=rng.choice((0.0, rng.uniform(2, 14))), blur=rng.choice((0.0, 0.0, rng.uniform(0.3, 0.8))),
                 jpeg_quality=rng.choice((None, None, rng.randint(40, 95))),
                 shading=rng.choice((0.0, 0.0, rng.uniform(0.1, 0.35))), seed=rng.getrandbits(64))
+
+
+def _plain_look(rng: random.Random) -> Look:
+    value, saturation = _dark_or_light(rng)
+    return Look("plain", "flat", (_tint(rng, value, saturation),), 0.0, noise=0.0, blur=0.0, jpeg_quality=None,
+                shading=0.0, seed=rng.getrandbits(64))
 
 
 def _shifted_look(rng: random.Random) -> Look:
@@ -157,7 +171,7 @@ def outline_of(obj: "ShapeObject", polygons=POLYGONS):
 def render(scene: "Scene", size: int) -> Image.Image:
     """The picture of a scene at `size` pixels, drawn by its look's style family."""
     look = scene.look
-    image = _draw_random(scene, size) if look.style == "random" else _draw_shifted(scene, size)
+    image = _draw_shifted(scene, size) if look.style == "shifted" else _draw_random(scene, size)
     if look.noise > 0:
         noise = np.random.default_rng(look.seed).normal(0.0, look.noise, (size, size, 3))
         image = Image.fromarray(np.clip(np.rint(np.asarray(image, np.float64) + noise), 0, 255).astype(np.uint8))

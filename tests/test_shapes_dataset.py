@@ -92,7 +92,7 @@ def _clean(scene):
     return dataclasses.replace(scene, look=dataclasses.replace(scene.look, noise=0.0, blur=0.0, jpeg_quality=None))
 
 
-@pytest.mark.parametrize("style", ["random", "shifted"])
+@pytest.mark.parametrize("style", ["random", "shifted", "plain"])
 def test_boxes_are_tight_and_match_the_rendered_objects(style):
     config = dataclasses.replace(SMALL, style=style)
     seen_sizes, seen_counts, looks = {"small": set(), "large": set()}, Counter(), Counter()
@@ -116,7 +116,7 @@ def test_boxes_are_tight_and_match_the_rendered_objects(style):
             assert abs(obj.rotation) <= MAX_TURN and (obj.shape != "circle" or obj.rotation == 0)
             outside[y:y + h, x:x + w] = False
             # (The shifted style samples coverage on a 3x grid: a star's thin tip leaves fainter edge pixels.)
-            faint = 30 if style == "random" else 12
+            faint = 12 if style == "shifted" else 30
             drawn = np.abs(clean[y:y + h, x:x + w] - empty[y:y + h, x:x + w]).sum(-1) > faint
             rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
             assert rows[0] <= 1 and rows[-1] >= h - 2 and cols[0] <= 1 and cols[-1] >= w - 2, obj
@@ -136,7 +136,7 @@ def test_boxes_are_tight_and_match_the_rendered_objects(style):
     for size, (low, high) in SIZES.items():  # sides spread over each size class
         assert min(seen_sizes[size]) <= round(low * 64) + 2 and max(seen_sizes[size]) >= round(high * 64) - 2
     assert max(seen_sizes["small"]) < min(seen_sizes["large"]) and set(seen_counts) == {1, 2, 3, 4}
-    assert len(looks) == 3  # every kind of background of the style
+    assert len(looks) == (1 if style == "plain" else 3)  # every kind of background of the style
     # A scene renders at another size with its boxes scaled.
     scene = _examples(config, count=3)[0][0]
     big = np.asarray(render_scene(_clean(scene), 128), dtype=np.int64)
@@ -161,6 +161,35 @@ def test_styles_differ_in_look_not_in_words():
     assert 0.15 < sum(look.jpeg_quality is not None for look in looks) / len(looks) < 0.6
     with pytest.raises(ValueError, match="style 'cartoon'"):
         ShapesConfig(style="cartoon")
+
+
+def test_plain_style_is_the_random_drawing_without_its_nuisances():
+    """The same scenes and words as the random style, on one flat background, with no outline, shading, noise,
+    blur or JPEG: the picture is exactly its background plus its objects."""
+    plain_config = dataclasses.replace(SMALL, style="plain")
+    brightness = []
+    for index in range(40):
+        scene, image, notes = generate_example(plain_config, "train", index)
+        random_scene, _, random_notes = generate_example(SMALL, "train", index)
+        assert notes == random_notes
+        assert [(o.colour, o.shape, o.box, o.rgb, o.rotation) for o in scene.objects] == \
+            [(o.colour, o.shape, o.box, o.rgb, o.rotation) for o in random_scene.objects]
+        look = scene.look
+        assert (look.style, look.background, len(look.colours)) == ("plain", "flat", 1)
+        assert (look.noise, look.blur, look.jpeg_quality, look.shading) == (0.0, 0.0, None, 0.0)
+        assert all(o.outline is None for o in scene.objects)
+        pixels = np.asarray(image, dtype=np.int64)
+        empty = np.asarray(render_scene(dataclasses.replace(scene, objects=())), dtype=np.int64)
+        assert np.all(empty == np.asarray(look.colours[0]))
+        outside = np.ones(pixels.shape[:2], bool)
+        for obj in scene.objects:
+            x, y, w, h = obj.box
+            outside[y:y + h, x:x + w] = False
+            cx, cy = int(obj.centre[0]), int(obj.centre[1])
+            assert np.all(pixels[cy, cx] == obj.rgb), obj  # a flat fill: the shade itself at the centre
+        assert np.all(pixels[outside] == empty[outside])
+        brightness.append(sum(look.colours[0]) / 3)
+    assert min(brightness) < 80 and max(brightness) > 200  # dark and light backgrounds both
 
 
 def test_colour_words_stay_unambiguous():
