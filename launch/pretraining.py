@@ -147,29 +147,38 @@ def skipped_images(datasets: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 # ------------------------------------------------------------------------------------------ optimizer, engine
-def encoder_lr_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+def scaled_lr_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """The engine's weight-decay rule, with the image backbone and the language model (`encoder_modules`) at
-    `optimizer.encoder_lr_scale`. Randomly initialised encoders trained at the decoder's learning rate collapse
-    in a few steps (every image, and every text, gets the same embedding and the loss sits at log(N)); a 10x
-    lower rate avoids that (launch/recipes/tiny.yaml)."""
-    scale = recipe.optimizer.encoder_lr_scale
-    encoder = set()
-    if scale != 1.0:
-        encoder_ids = {id(p) for module in model.encoder_modules() for p in module.parameters()}
-        encoder = {name for name, p in model.named_parameters() if id(p) in encoder_ids}
-    return parameter_groups(model.named_parameters(), recipe.optimizer.weight_decay,
-                            lr_scale=lambda name: scale if name in encoder else 1.0,
-                            group_key=lambda name: "encoder" if name in encoder else "decoder")
+    `optimizer.encoder_lr_scale` and the text-to-image branch at `optimizer.diffusion_lr_scale`. Randomly
+    initialised encoders trained at the decoder's learning rate collapse in a few steps (every image, and every
+    text, gets the same embedding and the loss sits at log(N)); a 10x lower rate avoids that
+    (launch/recipes/tiny.yaml)."""
+    opt = recipe.optimizer
+    scales = {}
+    if opt.encoder_lr_scale != 1.0:
+        scales.update(_parameter_names(model, model.encoder_modules(), ("encoder", opt.encoder_lr_scale)))
+    if opt.diffusion_lr_scale != 1.0 and getattr(model, "has_diffusion", False):
+        scales.update(_parameter_names(model, (model.diffusion,), ("diffusion", opt.diffusion_lr_scale)))
+    return parameter_groups(model.named_parameters(), opt.weight_decay,
+                            lr_scale=lambda name: scales.get(name, ("decoder", 1.0))[1],
+                            group_key=lambda name: scales.get(name, ("decoder", 1.0))[0])
+
+
+def _parameter_names(model: nn.Module, modules, value) -> dict[str, Any]:
+    """{name: value} for the model's parameters that belong to `modules`."""
+    ids = {id(p) for module in modules for p in module.parameters()}
+    return {name: value for name, p in model.named_parameters() if id(p) in ids}
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe, runtime: Runtime) -> torch.optim.Optimizer:
     opt = recipe.optimizer
     zero_stage = recipe.deepspeed.zero_stage if runtime.deepspeed is not None else None
-    if opt.name == "tbgn" and zero_stage and opt.encoder_lr_scale != 1.0:
-        raise ValueError(f"recipe optimizer.encoder_lr_scale={opt.encoder_lr_scale}: TBGN under ZeRO stage "
-                         f"{zero_stage} keeps every parameter in one group at one learning rate; set "
-                         "optimizer.encoder_lr_scale=1.0, or use optimizer.name=adamw")
-    return build_optimizer(opt.name, encoder_lr_groups(model, recipe), opt.lr, opt.betas, opt.eps, opt.weight_decay,
+    for key in ("encoder_lr_scale", "diffusion_lr_scale"):
+        if opt.name == "tbgn" and zero_stage and getattr(opt, key) != 1.0:
+            raise ValueError(f"recipe optimizer.{key}={getattr(opt, key)}: TBGN under ZeRO stage {zero_stage} keeps "
+                             f"every parameter in one group at one learning rate; set optimizer.{key}=1.0, or use "
+                             "optimizer.name=adamw")
+    return build_optimizer(opt.name, scaled_lr_groups(model, recipe), opt.lr, opt.betas, opt.eps, opt.weight_decay,
                            zero_stage)
 
 

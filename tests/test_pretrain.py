@@ -188,11 +188,36 @@ def test_encoders_train_at_the_scaled_learning_rate(tmp_path):
     assert any(name.startswith("decoder.") for name in moved)
 
 
-def test_encoder_lr_scale_with_tbgn_under_zero_is_refused():
-    recipe = load_recipe("tiny", ["optimizer.name=tbgn", "optimizer.encoder_lr_scale=0.1",
+def test_the_diffusion_branch_trains_at_its_scaled_learning_rate(tmp_path):
+    """optimizer.diffusion_lr_scale: the text-to-image branch steps at lr * scale, beside the encoders' scale."""
+    recipe = load_recipe("tiny", small_overrides(2, **{"optimizer.encoder_lr_scale": 0.25,
+                                                       "optimizer.diffusion_lr_scale": 3.0}))
+    runtime = Runtime(torch.device("cpu"))
+    trainer = pretraining.build_trainer(recipe, runtime, RunFolder(tmp_path, runtime, "pretrain"))
+    stats = pretraining.train_step(trainer)
+    model = trainer.model
+    kind = {id(p): "encoder" for module in model.encoder_modules() for p in module.parameters()}
+    kind.update({id(p): "diffusion" for p in model.diffusion.parameters()})
+    groups = trainer.optimizer.param_groups
+    assert sorted(id(p) for g in groups for p in g["params"]) == \
+        sorted(id(p) for p in model.parameters() if p.requires_grad)
+    seen = set()
+    for group in groups:
+        kinds = {kind.get(id(p), "decoder") for p in group["params"]}
+        assert len(kinds) == 1, f"group {group['name']} mixes {kinds}"
+        seen |= kinds
+        assert group["lr"] == pytest.approx(stats["lr"] * {"encoder": 0.25, "diffusion": 3.0, "decoder": 1.0}[kinds.pop()])
+    assert seen == {"encoder", "diffusion", "decoder"}
+    with pytest.raises(ValueError, match=r"optimizer.diffusion_lr_scale: expected > 0, got 0"):
+        load_recipe("tiny", ["optimizer.diffusion_lr_scale=0"])
+
+
+@pytest.mark.parametrize("key", ["encoder_lr_scale", "diffusion_lr_scale"])
+def test_lr_scales_with_tbgn_under_zero_are_refused(key):
+    recipe = load_recipe("tiny", ["optimizer.name=tbgn", "optimizer.encoder_lr_scale=1", f"optimizer.{key}=0.1",
                                   "deepspeed.zero_stage=2"])
     runtime = Runtime(torch.device("cpu"), deepspeed=object())
-    with pytest.raises(ValueError, match=r"optimizer.encoder_lr_scale=0.1: TBGN under ZeRO stage 2"):
+    with pytest.raises(ValueError, match=rf"optimizer.{key}=0.1: TBGN under ZeRO stage 2"):
         pretraining.make_optimizer(torch.nn.Linear(2, 2), recipe, runtime)
 
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from launch.training.recipe import Recipe, load_recipe, resolve_recipe
 from data_recipes.sampler import UnmixedTaskSampler, step_seed
@@ -448,3 +449,31 @@ def test_errors_in_the_file_name_the_key(tmp_path):
     not_a_mapping.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="mapping"):
         load_recipe(not_a_mapping)
+
+
+def test_adamw_runs_fused_and_steps_as_the_python_loop_does():
+    """build_optimizer("adamw") takes torch's fused kernel for CPU float parameters; a few steps with two groups
+    (one without weight decay) land where the per-tensor loop lands."""
+    from launch.training.optim import build_optimizer, fused_kernel_fits
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+
+    def groups(model):
+        weights, biases = [model[0].weight, model[2].weight], [model[0].bias, model[2].bias]
+        return [{"params": weights, "weight_decay": 0.05, "lr_scale": 1.0},
+                {"params": biases, "weight_decay": 0.0, "lr_scale": 1.0}]
+
+    fused = build_optimizer("adamw", groups(models[0]), lr=1e-2, betas=(0.9, 0.95))
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = torch.optim.AdamW(groups(models[1]), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    for _ in range(5):
+        for model, optimizer in zip(models, (fused, loop)):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert models[0][0].weight.grad is not None
+    assert not fused_kernel_fits([{"params": [torch.zeros(2, dtype=torch.long)]}])

@@ -61,8 +61,8 @@ class OptimizerConfig:
     which normalises every gradient itself, so `grad_clip` is not applied. The learning rate warms up linearly
     over `warmup_steps`, then follows `schedule` ("cosine" down to `min_lr` at the last step, or "constant").
     `encoder_lr_scale` multiplies the learning rate of the image backbone and the language model (the parts an
-    official checkpoint usually supplies); the decoder, projections and readout train at `lr`. The schedule is
-    `launch.training.schedule.build_scheduler`."""
+    official checkpoint usually supplies); `diffusion_lr_scale` that of the text-to-image branch; the decoder,
+    projections and readout train at `lr`. The schedule is `launch.training.schedule.build_scheduler`."""
     name: Literal["adamw", "tbgn"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -73,6 +73,7 @@ class OptimizerConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: Union[float, None] = 1.0
     encoder_lr_scale: float = 1.0
+    diffusion_lr_scale: float = 1.0
 
 
 @dataclass
@@ -219,6 +220,7 @@ class Recipe:
         check(all(0 <= b < 1 for b in opt.betas), "optimizer.betas", "two numbers in [0, 1)", list(opt.betas))
         check(opt.eps >= 0, "optimizer.eps", ">= 0", opt.eps)
         check(opt.encoder_lr_scale > 0, "optimizer.encoder_lr_scale", "> 0", opt.encoder_lr_scale)
+        check(opt.diffusion_lr_scale > 0, "optimizer.diffusion_lr_scale", "> 0", opt.diffusion_lr_scale)
         # a warm-up longer than the run is allowed (a short trial run of a long recipe): the lr never peaks
         check(opt.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0", opt.warmup_steps)
         check(opt.grad_clip is None or opt.grad_clip > 0, "optimizer.grad_clip", "> 0 or null (off)", opt.grad_clip)
