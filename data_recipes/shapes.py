@@ -8,7 +8,8 @@ is generated on first use (a few seconds) into the project cache as a Hugging Fa
 
 The world is made to be learnt by a tiny model at low resolution, and not by one renderer: how a picture looks
 (background, shades, outlines, noise, blur, JPEG) is drawn at random from a wide family, `style="random"`; a
-separate family that training never sees, `style="shifted"`, measures what carries over (`shapes_styles`).
+separate family that training never sees, `style="shifted"`, measures what carries over; `style="plain"` is the
+random family without its nuisances, for the text-to-image branch (`shapes_styles`).
 - shapes never overlap (boxes keep a gap), so every shape is whole and every box is tight and unoccluded;
 - a scene of several shapes has exactly one large shape, the others are small; a lone shape is either size;
   sides vary continuously within each size class, shapes other than circles may be slightly stretched and

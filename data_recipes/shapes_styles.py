@@ -32,7 +32,6 @@ from PIL import Image, ImageDraw, ImageFilter
 if TYPE_CHECKING:
     from .shapes import Scene, ShapeObject
 
-STYLES = ("random", "shifted", "plain")
 RGB = tuple[int, int, int]
 # Hue intervals in degrees (red wraps round 0), and saturation and value ranges, of each colour word. Wide, so
 # that the named colours of other palettes (CSS's orange at 39 degrees, purple at 300 and half value, ...)
@@ -89,7 +88,7 @@ def sample_look(rng: random.Random, style: str, shades: list[RGB]) -> Look:
     if style not in STYLES:
         raise ValueError(f"shapes style {style!r}: expected one of {STYLES}")
     for _ in range(200):
-        look = {"random": _random_look, "shifted": _shifted_look, "plain": _plain_look}[style](rng)
+        look = LOOKS[style](rng)
         if all(math.dist(s, c) >= MIN_CONTRAST for s in shades for c in look.colours):
             return look
     return look  # pragma: no cover - 200 draws without a contrasting background do not happen in practice
@@ -124,6 +123,10 @@ def _shifted_look(rng: random.Random) -> Look:
     second = tuple(int(np.clip(c * rng.uniform(0.75, 0.9), 0, 255)) for c in base)
     return Look("shifted", kind, (base, second), rng.uniform(0, math.pi), noise=rng.uniform(0, 4), blur=0.0,
                 jpeg_quality=rng.randint(55, 80), shading=rng.uniform(0.2, 0.4), seed=rng.getrandbits(64))
+
+
+LOOKS = {"random": _random_look, "shifted": _shifted_look, "plain": _plain_look}  # style -> its look's draw
+STYLES = tuple(LOOKS)
 
 
 # ------------------------------------------------------------------------------------------------ geometry

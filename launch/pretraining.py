@@ -149,7 +149,8 @@ def skipped_images(datasets: dict[str, Any]) -> dict[str, dict[str, int]]:
 # ------------------------------------------------------------------------------------------ optimizer, engine
 def scaled_lr_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """The engine's weight-decay rule, with the image backbone and the language model (`encoder_modules`) at
-    `optimizer.encoder_lr_scale` and the text-to-image branch at `optimizer.diffusion_lr_scale`. Randomly
+    `optimizer.encoder_lr_scale` and the text-to-image branch's UNet at `optimizer.diffusion_lr_scale` (its
+    projection and null condition, new even when the UNet is loaded, train at `lr`). Randomly
     initialised encoders trained at the decoder's learning rate collapse in a few steps (every image, and every
     text, gets the same embedding and the loss sits at log(N)); a 10x lower rate avoids that
     (launch/recipes/tiny.yaml)."""
@@ -157,11 +158,14 @@ def scaled_lr_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     scales = {}
     if opt.encoder_lr_scale != 1.0:
         scales.update(_parameter_names(model, model.encoder_modules(), ("encoder", opt.encoder_lr_scale)))
-    if opt.diffusion_lr_scale != 1.0 and getattr(model, "has_diffusion", False):
-        scales.update(_parameter_names(model, (model.diffusion,), ("diffusion", opt.diffusion_lr_scale)))
-    return parameter_groups(model.named_parameters(), opt.weight_decay,
-                            lr_scale=lambda name: scales.get(name, ("decoder", 1.0))[1],
-                            group_key=lambda name: scales.get(name, ("decoder", 1.0))[0])
+    if opt.diffusion_lr_scale != 1.0:
+        if not getattr(model, "has_diffusion", False):
+            raise ValueError(f"recipe optimizer.diffusion_lr_scale={opt.diffusion_lr_scale}: the model has no "
+                             "text-to-image branch (model.diffusion) for it to scale; leave it at 1.0")
+        scales.update(_parameter_names(model, (model.diffusion.unet,), ("diffusion", opt.diffusion_lr_scale)))
+    group = lambda name: scales.get(name, ("decoder", 1.0))  # noqa: E731 - (group key, lr scale)
+    return parameter_groups(model.named_parameters(), opt.weight_decay, lr_scale=lambda name: group(name)[1],
+                            group_key=lambda name: group(name)[0])
 
 
 def _parameter_names(model: nn.Module, modules, value) -> dict[str, Any]:
@@ -421,6 +425,10 @@ def check_same_recipe(saved: dict[str, Any], recipe: Recipe, checkpoint: Path) -
     """A resumed run must be the run that wrote the checkpoint: the same model, tasks and datasets, steps,
     optimizer, seed and engine settings."""
     current = recipe.to_dict()
+    try:  # a key added to the recipe since the checkpoint was written counts as unchanged at its default
+        saved = {**saved, **Recipe.from_dict(saved, source=str(checkpoint)).to_dict()}
+    except (ValueError, TypeError):
+        pass  # the raw saved recipe: its differences are reported below
     changed = [line for section in RESUME_SECTIONS
                for line in differences({section: saved.get(section)}, {section: current.get(section)})]
     if changed:

@@ -197,10 +197,11 @@ def test_the_diffusion_branch_trains_at_its_scaled_learning_rate(tmp_path):
     stats = pretraining.train_step(trainer)
     model = trainer.model
     kind = {id(p): "encoder" for module in model.encoder_modules() for p in module.parameters()}
-    kind.update({id(p): "diffusion" for p in model.diffusion.parameters()})
+    kind.update({id(p): "diffusion" for p in model.diffusion.unet.parameters()})
     groups = trainer.optimizer.param_groups
     assert sorted(id(p) for g in groups for p in g["params"]) == \
         sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert all(g["fused"] for g in groups)  # every parameter of the model takes the fused AdamW kernel
     seen = set()
     for group in groups:
         kinds = {kind.get(id(p), "decoder") for p in group["params"]}
@@ -210,6 +211,9 @@ def test_the_diffusion_branch_trains_at_its_scaled_learning_rate(tmp_path):
     assert seen == {"encoder", "diffusion", "decoder"}
     with pytest.raises(ValueError, match=r"optimizer.diffusion_lr_scale: expected > 0, got 0"):
         load_recipe("tiny", ["optimizer.diffusion_lr_scale=0"])
+    without_branch = load_recipe("tiny", ["optimizer.encoder_lr_scale=1", "optimizer.diffusion_lr_scale=2"])
+    with pytest.raises(ValueError, match=r"optimizer.diffusion_lr_scale=2.0: the model has no text-to-image branch"):
+        pretraining.scaled_lr_groups(torch.nn.Linear(2, 2), without_branch)
 
 
 @pytest.mark.parametrize("key", ["encoder_lr_scale", "diffusion_lr_scale"])

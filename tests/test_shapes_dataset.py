@@ -383,3 +383,17 @@ def test_a_split_drawn_by_several_processes_is_the_same(tmp_path, monkeypatch):
     alone = shapes._generate_split(config, "train")
     assert pooled == alone and len(alone["image"]) == 1100
     assert shapes.build_processes(100) == 1
+
+
+def test_the_random_and_shifted_looks_draw_as_generator_4_does():
+    """Pinned draws: a cached build is named by GENERATOR_VERSION, so reordering the looks' random draws
+    without bumping it would serve stale pictures; this fails first."""
+    import random
+
+    from data_recipes.shapes_styles import sample_look
+    pinned = {("random", 0): ("gradient", ((226, 177, 161), (253, 190, 221)), None, 16781856329856517315),
+              ("random", 2): ("flat", ((208, 198, 186),), 42, 7259380703130999695),
+              ("shifted", 1): ("vignette", ((73, 101, 120), (56, 87, 98)), 70, 7190703300742001586)}
+    for (style, k), expected in pinned.items():
+        look = sample_look(random.Random(k), style, [(200, 30, 30)])
+        assert (look.background, look.colours, look.jpeg_quality, look.seed) == expected, (style, k)

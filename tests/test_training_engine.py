@@ -187,3 +187,17 @@ def test_eval_every_steps_logs_each_tasks_loss_on_its_eval_dataset(tmp_path):
 
     events = EventAccumulator(str(output / "tb")).Reload()
     assert {"eval/loss/retrieval", "eval/loss/captioning", "eval/loss/vqa"} <= set(events.Tags()["scalars"])
+
+
+def test_resume_takes_a_key_added_since_the_checkpoint_at_its_default():
+    """A checkpoint's recipe written before a recipe key existed resumes when the key is at its default; a key
+    that differs is still named."""
+    from launch.pretraining import check_same_recipe
+    from launch.training.recipe import load_recipe
+    recipe = load_recipe("tiny")
+    saved = recipe.to_dict()
+    del saved["optimizer"]["diffusion_lr_scale"]
+    check_same_recipe(saved, recipe, Path("step_000004"))
+    changed = load_recipe("tiny", ["optimizer.diffusion_lr_scale=0.5"])
+    with pytest.raises(ValueError, match=r"step_000004 was trained with: optimizer\.diffusion_lr_scale: 1\.0 -> 0\.5"):
+        check_same_recipe(saved, changed, Path("step_000004"))

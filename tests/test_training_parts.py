@@ -475,5 +475,11 @@ def test_adamw_runs_fused_and_steps_as_the_python_loop_does():
             optimizer.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert models[0][0].weight.grad is not None
-    assert not fused_kernel_fits([{"params": [torch.zeros(2, dtype=torch.long)]}])
+    # a parameter the kernel does not take (complex) falls back to torch's default loop, and steps
+    odd = nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    assert not fused_kernel_fits([{"params": [odd]}])
+    fallback = build_optimizer("adamw", [{"params": [odd], "lr_scale": 1.0}], lr=0.1)
+    assert fallback.param_groups[0]["fused"] is None
+    odd.grad = torch.ones_like(odd)
+    fallback.step()
+    assert not torch.equal(odd.detach(), torch.ones(3, dtype=torch.complex64))

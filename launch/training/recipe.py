@@ -61,7 +61,7 @@ class OptimizerConfig:
     which normalises every gradient itself, so `grad_clip` is not applied. The learning rate warms up linearly
     over `warmup_steps`, then follows `schedule` ("cosine" down to `min_lr` at the last step, or "constant").
     `encoder_lr_scale` multiplies the learning rate of the image backbone and the language model (the parts an
-    official checkpoint usually supplies); `diffusion_lr_scale` that of the text-to-image branch; the decoder,
+    official checkpoint usually supplies); `diffusion_lr_scale` that of the text-to-image branch's UNet; the decoder,
     projections and readout train at `lr`. The schedule is `launch.training.schedule.build_scheduler`."""
     name: Literal["adamw", "tbgn"] = "adamw"
     lr: float = 1e-3
