@@ -426,7 +426,7 @@ def check_same_recipe(saved: dict[str, Any], recipe: Recipe, checkpoint: Path) -
     optimizer, seed and engine settings."""
     current = recipe.to_dict()
     try:  # a key added to the recipe since the checkpoint was written counts as unchanged at its default
-        saved = {**saved, **Recipe.from_dict(saved, source=str(checkpoint)).to_dict()}
+        saved = Recipe.from_dict(saved, source=str(checkpoint)).to_dict()
     except (ValueError, TypeError):
         pass  # the raw saved recipe: its differences are reported below
     changed = [line for section in RESUME_SECTIONS
