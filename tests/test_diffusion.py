@@ -360,3 +360,87 @@ def test_one_blob_detected_under_two_names_counts_as_one_object():
                        torch.tensor([0.9, 0.8, 0.5]), torch.tensor([2, 0, 1]))
     kept = distinct_objects(found)
     assert kept.labels.tolist() == [2, 1] and kept.scores.tolist() == pytest.approx([0.9, 0.5])
+
+
+def test_object_weight_maps_weigh_the_pixels_inside_the_boxes():
+    from PIL import Image
+
+    from tasks.text_to_image import object_weight_maps
+
+    samples = [{"image": Image.new("RGB", (64, 64)), "boxes": [[16, 8, 16, 32]]},
+               {"image": torch.zeros(3, 32, 32), "boxes": [[0, 0, 8, 8], [24, 24, 8, 8]]},
+               {"image": Image.new("RGB", (64, 64)), "boxes": []}]
+    maps = object_weight_maps(samples, 32, 5.0, "text_to_image")
+    assert maps.shape == (3, 1, 32, 32)
+    expected = torch.ones(3, 32, 32)
+    expected[0, 4:20, 8:16] = 5.0            # the 64-px picture's box, halved
+    expected[1, 0:8, 0:8] = expected[1, 24:32, 24:32] = 5.0  # the 32-px picture's boxes, doubled
+    torch.testing.assert_close(maps[:, 0], expected)
+
+
+@pytest.mark.usefixtures("offline_cache")
+def test_the_task_weighs_the_objects_when_asked_and_names_what_is_missing():
+    from PIL import Image
+
+    from tasks import get_task
+
+    image = Image.new("RGB", (64, 64))
+    plain = get_task("text_to_image", image_size=64).format_batch([{"image": image, "caption": "a red circle"}])
+    assert "pixel_weights" not in plain
+    task = get_task("text_to_image", image_size=64, object_weight=3.0)
+    batch = task.format_batch([{"image": image, "caption": "a red circle", "boxes": [[0, 0, 32, 32]]}])
+    assert batch["pixel_weights"].shape == (1, 1, 64, 64)
+    assert batch["pixel_weights"].unique().tolist() == [1.0, 3.0]
+    with pytest.raises(KeyError, match="boxes"):
+        task.format_batch([{"image": image, "caption": "a red circle"}])
+    with pytest.raises(ValueError, match="object_weight"):
+        get_task("text_to_image", image_size=64, object_weight=0.0)
+
+
+@pytest.mark.usefixtures("offline_cache")
+def test_pixel_weights_give_the_weighted_mean_of_the_squared_error():
+    """Against the loss written out: the same draws, the UNet's velocity error, its weighted mean per picture,
+    Min-SNR weighted; a constant map is the unweighted loss."""
+    from diffusers.training_utils import compute_snr
+
+    model = tiny_model(condition_dropout=0.0)
+    branch = model.diffusion
+    states, valid = model.prompt_states(["a red square", "a green square"])
+    clean, seeds = pictures(2), [3, 4]
+    weights = torch.ones(2, 1, 32, 32)
+    weights[0, :, 8:24, 8:24] = 5.0
+    with torch.no_grad():
+        plain = branch.loss(clean, states, valid, seeds=seeds)
+        torch.testing.assert_close(branch.loss(clean, states, valid, seeds=seeds,
+                                               pixel_weights=torch.full((2, 1, 32, 32), 7.0)), plain)
+        weighted = branch.loss(clean, states, valid, seeds=seeds, pixel_weights=weights)
+        noise, timesteps, _ = branch.training_draws(clean.shape, seeds, None)
+        noisy = branch.scheduler.add_noise(clean, noise, timesteps)
+        error = (branch.predict(noisy, timesteps, branch.condition(states, valid))
+                 - branch.scheduler.get_velocity(clean, noise, timesteps)).pow(2).mean(dim=1)  # (2, 16, 16)
+        small = weights[:, 0, ::2, ::2]                         # the 32-px map at the UNet's 16 px
+        per_picture = (error * small).sum(dim=(1, 2)) / small.sum(dim=(1, 2))
+        snr = compute_snr(branch.scheduler, timesteps)
+        expected = (per_picture * snr.clamp(max=branch.config.snr_gamma) / (snr + 1)).mean()
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(weighted, plain)
+
+
+@pytest.mark.usefixtures("offline_cache")
+def test_logit_normal_timesteps_favour_the_middle_and_uniform_ones_are_unchanged():
+    from uniperceiver.diffusion import DiffusionConfig
+
+    uniform = tiny_model().diffusion
+    _, drawn, _ = uniform.training_draws(torch.Size([3, 3, 16, 16]), [5, 6, 7], None)
+    pinned = []
+    for seed in (5, 6, 7):  # per sample: its noise, then its timestep, from its own seed
+        own = torch.Generator().manual_seed(seed)
+        torch.randn(3, 16, 16, generator=own)
+        pinned.append(int(torch.randint(0, 1000, (1,), generator=own)[0]))
+    assert drawn.tolist() == pinned  # a recipe on uniform timesteps trains on the draws it always did
+    middle = tiny_model(timestep_sampling="logit_normal").diffusion
+    _, drawn, _ = middle.training_draws(torch.Size([4000, 1, 1, 1]), None, torch.Generator().manual_seed(0))
+    assert 0 <= int(drawn.min()) and int(drawn.max()) <= 999
+    assert 0.68 < float(((drawn >= 250) & (drawn < 750)).float().mean()) < 0.78  # sigmoid(N(0,1)): 0.73; uniform 0.5
+    with pytest.raises(ValueError, match="timestep_sampling 'cosine'"):
+        DiffusionConfig(timestep_sampling="cosine")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 UNET_FOLDER, SCHEDULER_FOLDER, VAE_FOLDER = "unet", "scheduler", "vae"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "v_prediction"
     snr_gamma: float | None = 5.0        # Min-SNR weighting; None: plain MSE
+    # training timesteps: uniform, or t / T = sigmoid(N(0, 1)), which spends the steps on the middle noise levels
+    timestep_sampling: str = "uniform"
     condition_dropout: float = 0.1       # share of training prompts replaced by the null condition
     train_condition: bool = False
     ema_decay: float = 0.999             # the ceiling of EMAModel's warm-up (inv_gamma 1, power 2/3); 0: no EMA
@@ -63,6 +66,8 @@ class DiffusionConfig:
                             f"block_out_channels {len(self.block_out_channels)}")
         if self.prediction_type not in PREDICTION_TYPES:
             problems.append(f"prediction_type {self.prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            problems.append(f"timestep_sampling {self.timestep_sampling!r}: expected one of {TIMESTEP_SAMPLINGS}")
         if not 0.0 <= self.condition_dropout < 1.0:
             problems.append(f"condition_dropout {self.condition_dropout}: expected a value in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -248,30 +253,40 @@ class DiffusionBranch(nn.Module):
         latents = self.vae.encode(pixels.to(vae_dtype)).latent_dist.sample()
         return (latents * self.vae.config.scaling_factor).to(pixels.dtype)
 
+    def _timesteps(self, count: int, generator: torch.Generator | None) -> Tensor:
+        """`count` training timesteps by `config.timestep_sampling`."""
+        steps = self.scheduler.config.num_train_timesteps
+        if self.config.timestep_sampling == "uniform":
+            return torch.randint(0, steps, (count,), generator=generator)
+        share = torch.sigmoid(torch.randn(count, generator=generator))
+        return (share * steps).long().clamp(0, steps - 1)
+
     def training_draws(self, shape: torch.Size, seeds: Sequence[int] | None, generator: torch.Generator | None
                        ) -> tuple[Tensor, Tensor, Tensor]:
         """Noise, timesteps and the dropout draw of a batch: from each sample's own seed when given (a sample then
         gets the same draws however the global batch is split over ranks), else from `generator` (default: the
         global random stream)."""
-        batch, steps = shape[0], self.scheduler.config.num_train_timesteps
+        batch = shape[0]
         if seeds is None:
-            return (torch.randn(shape, generator=generator), torch.randint(0, steps, (batch,), generator=generator),
+            return (torch.randn(shape, generator=generator), self._timesteps(batch, generator),
                     torch.rand(batch, generator=generator))
         if len(seeds) != batch:
             raise ValueError(f"diffusion loss: {len(seeds)} seeds for {batch} pictures")
         draws = []
         for seed in seeds:
             own = torch.Generator().manual_seed(int(seed))
-            draws.append((torch.randn(shape[1:], generator=own), torch.randint(0, steps, (1,), generator=own)[0],
+            draws.append((torch.randn(shape[1:], generator=own), self._timesteps(1, own)[0],
                           torch.rand((), generator=own)))
         noise, timesteps, uniform = zip(*draws)
         return torch.stack(noise), torch.stack(timesteps), torch.stack(uniform)
 
     def loss(self, pixels: Tensor, states: Tensor, valid: Tensor, generator: torch.Generator | None = None,
-             seeds: Sequence[int] | None = None) -> Tensor:
+             seeds: Sequence[int] | None = None, pixel_weights: Tensor | None = None) -> Tensor:
         """The denoising loss of pictures (B, 3, H, W) in [-1, 1] given their prompts' decoder states: DDPM noise
-        at uniform timesteps, MSE on the scheduler's target, Min-SNR weighted, with `condition_dropout` of the
-        prompts replaced by the null condition. The draws come from `seeds` (one per picture) or `generator`."""
+        at `config.timestep_sampling` timesteps, MSE on the scheduler's target, Min-SNR weighted, with
+        `condition_dropout` of the prompts replaced by the null condition. The draws come from `seeds` (one per
+        picture) or `generator`. `pixel_weights` (B, 1, h, w), at any size: each picture's squared error is their
+        weighted mean (resized to what the UNet denoises by area)."""
         from diffusers.training_utils import compute_snr
 
         clean = self.encode_pictures(pixels)
@@ -282,7 +297,12 @@ class DiffusionBranch(nn.Module):
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
         prediction = self.predict(noisy, timesteps, self.condition(states, valid, drop)).float()
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(clean, noise, timesteps)
-        error = (prediction - target.float()).pow(2).mean(dim=(1, 2, 3))
+        squared = (prediction - target.float()).pow(2)
+        if pixel_weights is None:
+            error = squared.mean(dim=(1, 2, 3))
+        else:
+            weights = F.interpolate(pixel_weights.float(), size=squared.shape[-2:], mode="area")
+            error = (squared * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * squared.shape[1])
         if self.config.snr_gamma:
             snr = compute_snr(self.scheduler, timesteps).float()
             clipped = snr.clamp(max=self.config.snr_gamma)
