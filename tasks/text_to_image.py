@@ -7,6 +7,7 @@ are what a recipe tunes for). With `train_condition: true` the loss trains them 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -72,21 +73,23 @@ def object_weight_maps(samples: Sequence[dict[str, Any]], size: int, weight: flo
 @register_task("text_to_image")
 class TextToImageTask(Task):
     """Batch: {"pixels": (B, 3, S, S) in [-1, 1], "prompts": [str], optionally "noise_seeds": [int], each
-    sample's seed for its noise, timestep and condition dropout}. Predictions: one PIL picture per prompt.
+    sample's seed for its noise, timestep and condition dropout, and "pixel_weights" (B, 1, S, S) with an
+    `object_weight`}. Predictions: one PIL picture per prompt.
 
     steps, guidance: the sampler's for `predict`.
     object_weight: the denoising loss's weight on the pixels inside the samples' boxes (the background's is 1;
         the samples then need "boxes"). The words name the objects, and the objects are a small part of the
-        picture: at 1, the loss is mostly the background's, and what the prompt says about an object's shape
-        changes it by less than 1% (docs/shapes-world.md)."""
+        picture: at 1, most of the loss is the background's, which the prompt says nothing about
+        (docs/shapes-world.md). Boxes marked iscrowd are weighted too: they are objects the prompt may name."""
 
     family = "diffusion"
 
     def __init__(self, steps: int = 20, guidance: float | None = None, object_weight: float = 1.0,
                  image_size: int = 224):
         super().__init__(image_size=image_size)
-        if object_weight <= 0:
-            raise ValueError(f"text_to_image: object_weight {object_weight}; expected a value > 0")
+        if isinstance(object_weight, bool) or not isinstance(object_weight, (int, float)) or not (
+                math.isfinite(object_weight) and object_weight > 0):
+            raise ValueError(f"text_to_image: object_weight {object_weight!r}; expected a finite number > 0")
         self.steps, self.guidance, self.object_weight = steps, guidance, float(object_weight)
 
     def format_batch(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

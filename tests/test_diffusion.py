@@ -363,19 +363,30 @@ def test_one_blob_detected_under_two_names_counts_as_one_object():
 
 
 def test_object_weight_maps_weigh_the_pixels_inside_the_boxes():
+    """Boxes in each picture's own pixels (PIL width x height, tensor (3, H, W)), scaled to the map; a pixel is
+    inside when its centre is."""
     from PIL import Image
 
     from tasks.text_to_image import object_weight_maps
 
     samples = [{"image": Image.new("RGB", (64, 64)), "boxes": [[16, 8, 16, 32]]},
-               {"image": torch.zeros(3, 32, 32), "boxes": [[0, 0, 8, 8], [24, 24, 8, 8]]},
+               {"image": Image.new("RGB", (64, 32)), "boxes": [[0, 0, 8, 8]]},      # wide: x halves, y keeps
+               {"image": torch.zeros(3, 16, 64), "boxes": [[32, 4, 32, 4]]},         # wide tensor: x halves, y doubles
+               {"image": Image.new("RGB", (64, 64)), "boxes": [[1, 1, 2, 2]]},       # x and y in [1, 3) px
                {"image": Image.new("RGB", (64, 64)), "boxes": []}]
     maps = object_weight_maps(samples, 32, 5.0, "text_to_image")
-    assert maps.shape == (3, 1, 32, 32)
-    expected = torch.ones(3, 32, 32)
-    expected[0, 4:20, 8:16] = 5.0            # the 64-px picture's box, halved
-    expected[1, 0:8, 0:8] = expected[1, 24:32, 24:32] = 5.0  # the 32-px picture's boxes, doubled
+    assert maps.shape == (5, 1, 32, 32)
+    expected = torch.ones(5, 32, 32)
+    expected[0, 4:20, 8:16] = 5.0
+    expected[1, 0:8, 0:4] = 5.0
+    expected[2, 8:16, 16:32] = 5.0
+    expected[3, 0, 0] = 5.0  # centre at 1 px: in; the next, at 3 px, is on the far edge: out
     torch.testing.assert_close(maps[:, 0], expected)
+    full = torch.ones(64, 64)
+    full[1:3, 1:3] = 5.0     # at the picture's own size, the centres 1.5 and 2.5 px; 0.5 and 3.5 are out
+    torch.testing.assert_close(object_weight_maps(samples[3:4], 64, 5.0, "text_to_image")[0, 0], full)
+    with pytest.raises(ValueError, match=r"sample 0 has box \[1, 2\]; expected COCO"):
+        object_weight_maps([{"image": Image.new("RGB", (8, 8)), "boxes": [[1, 2]]}], 8, 2.0, "text_to_image")
 
 
 @pytest.mark.usefixtures("offline_cache")
@@ -388,13 +399,15 @@ def test_the_task_weighs_the_objects_when_asked_and_names_what_is_missing():
     plain = get_task("text_to_image", image_size=64).format_batch([{"image": image, "caption": "a red circle"}])
     assert "pixel_weights" not in plain
     task = get_task("text_to_image", image_size=64, object_weight=3.0)
-    batch = task.format_batch([{"image": image, "caption": "a red circle", "boxes": [[0, 0, 32, 32]]}])
-    assert batch["pixel_weights"].shape == (1, 1, 64, 64)
-    assert batch["pixel_weights"].unique().tolist() == [1.0, 3.0]
+    batch = task.format_batch([{"image": image, "caption": "a red circle", "boxes": [[0, 0, 32, 16]]}])
+    expected = torch.ones(1, 1, 64, 64)
+    expected[..., :16, :32] = 3.0
+    torch.testing.assert_close(batch["pixel_weights"], expected)
     with pytest.raises(KeyError, match="boxes"):
         task.format_batch([{"image": image, "caption": "a red circle"}])
-    with pytest.raises(ValueError, match="object_weight"):
-        get_task("text_to_image", image_size=64, object_weight=0.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="object_weight .*; expected a finite number > 0"):
+            get_task("text_to_image", image_size=64, object_weight=bad)
 
 
 @pytest.mark.usefixtures("offline_cache")
@@ -408,7 +421,7 @@ def test_pixel_weights_give_the_weighted_mean_of_the_squared_error():
     states, valid = model.prompt_states(["a red square", "a green square"])
     clean, seeds = pictures(2), [3, 4]
     weights = torch.ones(2, 1, 32, 32)
-    weights[0, :, 8:24, 8:24] = 5.0
+    weights[0, :, 7:23, 9:24] = 5.0  # edges inside the UNet's 2x2 cells: the area mean of the map, not a sample
     with torch.no_grad():
         plain = branch.loss(clean, states, valid, seeds=seeds)
         torch.testing.assert_close(branch.loss(clean, states, valid, seeds=seeds,
@@ -418,12 +431,15 @@ def test_pixel_weights_give_the_weighted_mean_of_the_squared_error():
         noisy = branch.scheduler.add_noise(clean, noise, timesteps)
         error = (branch.predict(noisy, timesteps, branch.condition(states, valid))
                  - branch.scheduler.get_velocity(clean, noise, timesteps)).pow(2).mean(dim=1)  # (2, 16, 16)
-        small = weights[:, 0, ::2, ::2]                         # the 32-px map at the UNet's 16 px
+        small = torch.nn.functional.avg_pool2d(weights, 2)[:, 0]  # the 32-px map at the UNet's 16 px
         per_picture = (error * small).sum(dim=(1, 2)) / small.sum(dim=(1, 2))
         snr = compute_snr(branch.scheduler, timesteps)
         expected = (per_picture * snr.clamp(max=branch.config.snr_gamma) / (snr + 1)).mean()
     torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(weighted, plain)
+    for bad in (torch.ones(2, 3, 32, 32), torch.ones(1, 1, 32, 32), torch.ones(2, 32, 32)):
+        with pytest.raises(ValueError, match=r"pixel_weights has shape .*; expected \(2, 1, height, width\)"):
+            branch.loss(clean, states, valid, seeds=seeds, pixel_weights=bad)
 
 
 @pytest.mark.usefixtures("offline_cache")
@@ -439,6 +455,13 @@ def test_logit_normal_timesteps_favour_the_middle_and_uniform_ones_are_unchanged
         pinned.append(int(torch.randint(0, 1000, (1,), generator=own)[0]))
     assert drawn.tolist() == pinned  # a recipe on uniform timesteps trains on the draws it always did
     middle = tiny_model(timestep_sampling="logit_normal").diffusion
+    whole = middle.training_draws(torch.Size([3, 3, 16, 16]), [5, 6, 7], None)
+    parts = [middle.training_draws(torch.Size([n, 3, 16, 16]), seeds, None) for n, seeds in ((1, [5]), (2, [6, 7]))]
+    for k in range(3):  # a sample draws the same however the batch is split over ranks
+        torch.testing.assert_close(whole[k], torch.cat([parts[0][k], parts[1][k]]))
+    own = torch.Generator().manual_seed(6)
+    torch.randn(3, 16, 16, generator=own)
+    assert int(whole[1][1]) == int(torch.sigmoid(torch.randn(1, generator=own))[0] * 1000)
     _, drawn, _ = middle.training_draws(torch.Size([4000, 1, 1, 1]), None, torch.Generator().manual_seed(0))
     assert 0 <= int(drawn.min()) and int(drawn.max()) <= 999
     assert 0.68 < float(((drawn >= 250) & (drawn < 750)).float().mean()) < 0.78  # sigmoid(N(0,1)): 0.73; uniform 0.5

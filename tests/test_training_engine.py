@@ -158,6 +158,18 @@ def test_augmentation_is_seeded_per_sample_and_refuses_target_changing_transform
         load_recipe("tiny", ["tasks.vqa.augment=[{RandomResizedCrop: {size: 64}}]"])
     with pytest.raises(ValueError, match=r"tasks.retrieval.augment: expected Blurry: not a torchvision"):
         load_recipe("tiny", ["tasks.retrieval.augment=[Blurry]"])
+    # a task that reads the boxes refuses what moves the objects: detection always, text to image with object_weight
+    moved = "[{RandomAffine: {degrees: 10}}]"
+    with pytest.raises(ValueError, match=r"tasks.detection.augment: expected RandomAffine moves the picture's "
+                                         r"objects, and the detection task reads their boxes"):
+        load_recipe("tiny", [f"tasks.detection.augment={moved}"])
+    with pytest.raises(ValueError, match=r"tasks.text_to_image.augment: expected RandomAffine moves the picture's "
+                                         r"objects, and the text_to_image task reads their boxes"):
+        load_recipe("tiny", [f"tasks.text_to_image.augment={moved}"])
+    assert load_recipe("tiny", [f"tasks.text_to_image.augment={moved}", "tasks.text_to_image.kwargs={}"])
+    with pytest.raises(ValueError, match=r"tasks.text_to_image.kwargs \['object_weight'\] do not fit task "
+                                         r"'text_to_image': text_to_image: object_weight nan; expected a finite"):
+        load_recipe("tiny", ["tasks.text_to_image.kwargs={object_weight: .nan}"]).build_tasks()
 
 
 def test_recipes_ship_inside_the_package_and_nothing_edits_sys_path():

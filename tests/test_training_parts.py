@@ -316,12 +316,14 @@ def test_tiny_recipe_loads():
     assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1], "backbone_overrides": backbone},
                                                 decoder={"depth": 4}, detection=detection,
                                                 diffusion={"image_size": 32, "block_out_channels": [32, 64, 96],
-                                                           "cross_attention_levels": [False, False, True]})
+                                                           "cross_attention_levels": [False, False, True],
+                                                           "timestep_sampling": "logit_normal"})
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.sampler().task_at(5) == recipe.sampler().task_at(5)
     built = recipe.build_tasks()
     assert [task.name for task in built.values()] == recipe.task_names
     assert built["retrieval"].negative_words == [["circle", "square", "triangle", "star", "diamond"]]
+    assert built["text_to_image"].object_weight == 5.0
     assert built["retrieval"].negatives_per_text == 2 and built["retrieval"].negative_margin == 0.9
     assert built["classification"].class_names == ["red", "green", "blue", "yellow", "purple", "orange"]
     assert resolve_recipe("tiny") == resolve_recipe(str(resolve_recipe("tiny")))

@@ -301,7 +301,10 @@ class DiffusionBranch(nn.Module):
         if pixel_weights is None:
             error = squared.mean(dim=(1, 2, 3))
         else:
-            weights = F.interpolate(pixel_weights.float(), size=squared.shape[-2:], mode="area")
+            if pixel_weights.dim() != 4 or tuple(pixel_weights.shape[:2]) != (squared.shape[0], 1):
+                raise ValueError(f"diffusion loss: pixel_weights has shape {tuple(pixel_weights.shape)}; expected "
+                                 f"({squared.shape[0]}, 1, height, width), one map per picture")
+            weights = F.interpolate(pixel_weights.to(device).float(), size=squared.shape[-2:], mode="area")
             error = (squared * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * squared.shape[1])
         if self.config.snr_gamma:
             snr = compute_snr(self.scheduler, timesteps).float()

@@ -8,7 +8,9 @@ A transform must keep the task's targets true. A mirror turns "left of" into "ri
 left-to-right order a caption lists its objects in, so flips are refused for every task whose targets are text
 about the picture (retrieval, captioning, VQA); classification by colour or kind may flip. Crops that may cut
 an object off (RandomResizedCrop, RandomCrop) are refused for the same tasks: a caption would name an object the
-picture no longer shows. Each picture's draw is seeded by (seed, task, epoch, index), so a batch is the same
+picture no longer shows. A task that reads the objects' boxes (detection, and text to image with an
+`object_weight`) also refuses transforms that move or resize the picture's content (RandomAffine, RandomRotation,
+Resize, ...): the boxes are not moved with them. Each picture's draw is seeded by (seed, task, epoch, index), so a batch is the same
 whatever the number of DataLoader workers and after a resume."""
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ CHANGES_TEXT_TARGETS = {"RandomHorizontalFlip": "mirrors the picture, swapping '
                         "RandomIoUCrop": "may crop an object out of the picture",
                         "RandomErasing": "may erase an object"}
 TEXT_TARGET_TASKS = {"retrieval", "captioning", "vqa", "detection", "text_to_image"}
+# Transforms that move or resize what the picture shows: a task that reads the objects' boxes would read them in
+# the wrong place.
+MOVES_OBJECTS = {"RandomAffine", "RandomRotation", "RandomPerspective", "ElasticTransform", "RandomZoomOut",
+                 "Resize", "RandomResize", "ScaleJitter", "RandomShortestSize", "CenterCrop", "Pad", "FiveCrop",
+                 "TenCrop"}
 
 
 def _entries(spec: list) -> list[tuple[str, dict[str, Any]]]:
@@ -39,17 +46,17 @@ def _entries(spec: list) -> list[tuple[str, dict[str, Any]]]:
     return entries
 
 
-def augment_problem(spec: list, task: str) -> str | None:
+def augment_problem(spec: list, task: str, reads_boxes: bool = False) -> str | None:
     """What is wrong with an `augment` list for `task` (None: nothing), as the expected-value part of a
-    recipe error."""
+    recipe error. `reads_boxes`: the task reads the samples' boxes (as detection always does)."""
     try:
-        build_augmentation(spec, task)
+        build_augmentation(spec, task, reads_boxes)
     except (ValueError, TypeError) as error:
         return str(error)
     return None
 
 
-def build_augmentation(spec: list, task: str) -> Callable[[Any], Any] | None:
+def build_augmentation(spec: list, task: str, reads_boxes: bool = False) -> Callable[[Any], Any] | None:
     """The transform an `augment` list describes (PIL image in, PIL image out), or None for an empty list."""
     if not spec:
         return None
@@ -63,6 +70,9 @@ def build_augmentation(spec: list, task: str) -> Callable[[Any], Any] | None:
         if task in TEXT_TARGET_TASKS and name in CHANGES_TEXT_TARGETS:
             raise ValueError(f"{name} {CHANGES_TEXT_TARGETS[name]}, which makes the {task} targets of the picture "
                              "false; leave it out for this task")
+        if (reads_boxes or task == "detection") and name in MOVES_OBJECTS:
+            raise ValueError(f"{name} moves the picture's objects, and the {task} task reads their boxes, which "
+                             "stay where they were; use photometric transforms only for this task")
         try:
             transforms.append(cls(**kwargs))
         except TypeError as error:
