@@ -227,8 +227,7 @@ class Trainer:
 
 
 def make_stream(recipe: Recipe, entry: TaskRecipe, index: int, dataset, task, runtime: Runtime):
-    augment = build_augmentation(entry.augment, entry.task,
-                                 entry.task == "text_to_image" and entry.kwargs.get("object_weight", 1) != 1)
+    augment = build_augmentation(entry.augment, entry.task, entry.kwargs)
     if is_streaming(dataset):
         from .training.streaming import ShardStream
         return ShardStream(entry.name, index, dataset, entry.task, task.format_batch, entry.batch_size, recipe.seed,

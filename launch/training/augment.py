@@ -10,8 +10,8 @@ about the picture (retrieval, captioning, VQA); classification by colour or kind
 an object off (RandomResizedCrop, RandomCrop) are refused for the same tasks: a caption would name an object the
 picture no longer shows. A task that reads the objects' boxes (detection, and text to image with an
 `object_weight`) also refuses transforms that move or resize the picture's content (RandomAffine, RandomRotation,
-Resize, ...): the boxes are not moved with them. Each picture's draw is seeded by (seed, task, epoch, index), so a batch is the same
-whatever the number of DataLoader workers and after a resume."""
+Resize, ...): the boxes are not moved with them. Each picture's draw is seeded by (seed, task, epoch, index), so
+a batch is the same whatever the number of DataLoader workers and after a resume."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -46,22 +46,31 @@ def _entries(spec: list) -> list[tuple[str, dict[str, Any]]]:
     return entries
 
 
-def augment_problem(spec: list, task: str, reads_boxes: bool = False) -> str | None:
-    """What is wrong with an `augment` list for `task` (None: nothing), as the expected-value part of a
-    recipe error. `reads_boxes`: the task reads the samples' boxes (as detection always does)."""
+def reads_boxes(task: str, kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether `task`, built with `kwargs`, reads the samples' boxes: detection always, text to image when it
+    weighs the objects' pixels (`object_weight`)."""
+    return task == "detection" or (task == "text_to_image" and (kwargs or {}).get("object_weight", 1) != 1)
+
+
+def augment_problem(spec: list, task: str, task_kwargs: dict[str, Any] | None = None) -> str | None:
+    """What is wrong with an `augment` list for `task` built with `task_kwargs` (None: nothing), as the
+    expected-value part of a recipe error."""
     try:
-        build_augmentation(spec, task, reads_boxes)
+        build_augmentation(spec, task, task_kwargs)
     except (ValueError, TypeError) as error:
         return str(error)
     return None
 
 
-def build_augmentation(spec: list, task: str, reads_boxes: bool = False) -> Callable[[Any], Any] | None:
-    """The transform an `augment` list describes (PIL image in, PIL image out), or None for an empty list."""
+def build_augmentation(spec: list, task: str, task_kwargs: dict[str, Any] | None = None
+                       ) -> Callable[[Any], Any] | None:
+    """The transform an `augment` list describes (PIL image in, PIL image out), or None for an empty list.
+    `task_kwargs`: the task's own, which decide whether it reads the boxes (`reads_boxes`)."""
     if not spec:
         return None
     from torchvision.transforms import v2
 
+    boxes_read = reads_boxes(task, task_kwargs)
     transforms = []
     for name, kwargs in _entries(spec):
         cls = getattr(v2, name, None)
@@ -70,7 +79,7 @@ def build_augmentation(spec: list, task: str, reads_boxes: bool = False) -> Call
         if task in TEXT_TARGET_TASKS and name in CHANGES_TEXT_TARGETS:
             raise ValueError(f"{name} {CHANGES_TEXT_TARGETS[name]}, which makes the {task} targets of the picture "
                              "false; leave it out for this task")
-        if (reads_boxes or task == "detection") and name in MOVES_OBJECTS:
+        if boxes_read and name in MOVES_OBJECTS:
             raise ValueError(f"{name} moves the picture's objects, and the {task} task reads their boxes, which "
                              "stay where they were; use photometric transforms only for this task")
         try:

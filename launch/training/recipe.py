@@ -205,8 +205,7 @@ class Recipe:
             check(bool(task.dataset), f"{key}.dataset", "a dataset SPEC such as 'shapes?split=train'", task.dataset)
             if task.augment:
                 from .augment import augment_problem
-                reads_boxes = task.task == "text_to_image" and task.kwargs.get("object_weight", 1) != 1
-                problem = augment_problem(task.augment, task.task, reads_boxes)
+                problem = augment_problem(task.augment, task.task, task.kwargs)
                 check(problem is None, f"{key}.augment", problem or "", task.augment)
         if self.tasks and all(math.isfinite(t.ratio) and t.ratio >= 0 for t in self.tasks):
             check(sum(t.ratio for t in self.tasks) > 0, "tasks.*.ratio", "at least one positive ratio",
