@@ -41,6 +41,12 @@ class Task:
         """One prediction per sample of the batch."""
         raise NotImplementedError
 
+    @classmethod
+    def reads_boxes(cls, kwargs: dict[str, Any]) -> bool:
+        """Whether the task, built with `kwargs`, reads the samples' boxes (augmentation must then leave the
+        objects where they are)."""
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, family={self.family!r})"
 
@@ -107,6 +113,11 @@ def get_task(name: str, **kwargs) -> Task:
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; registered tasks: {list_tasks()}")
     return _TASKS[name](**kwargs)
+
+
+def registered_task(name: str) -> type[Task] | None:
+    """The class registered as `name`, or None."""
+    return _TASKS.get(name)
 
 
 def list_tasks() -> list[str]:

@@ -57,6 +57,10 @@ class DetectionTask(Task):
 
     family = "detection"
 
+    @classmethod
+    def reads_boxes(cls, kwargs: dict[str, Any]) -> bool:
+        return True
+
     def __init__(self, category_names: Sequence[str] | None = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
                  label_smoothing: float = 0.1, match_iou: float = 0.5, score_threshold: float = 0.05,
                  max_detections: int = 100, loss_weights: dict[str, float] | None = None, image_size: int = 224):

@@ -84,6 +84,11 @@ class TextToImageTask(Task):
 
     family = "diffusion"
 
+    @classmethod
+    def reads_boxes(cls, kwargs: dict[str, Any]) -> bool:
+        """With an `object_weight`, the loss weighs the pixels inside the boxes."""
+        return kwargs.get("object_weight", 1) != 1
+
     def __init__(self, steps: int = 20, guidance: float | None = None, object_weight: float = 1.0,
                  image_size: int = 224):
         super().__init__(image_size=image_size)

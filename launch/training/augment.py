@@ -47,9 +47,12 @@ def _entries(spec: list) -> list[tuple[str, dict[str, Any]]]:
 
 
 def reads_boxes(task: str, kwargs: dict[str, Any] | None = None) -> bool:
-    """Whether `task`, built with `kwargs`, reads the samples' boxes: detection always, text to image when it
-    weighs the objects' pixels (`object_weight`)."""
-    return task == "detection" or (task == "text_to_image" and (kwargs or {}).get("object_weight", 1) != 1)
+    """Whether `task`, built with `kwargs`, reads the samples' boxes, as its class says (`Task.reads_boxes`):
+    detection always, text to image when it weighs the objects' pixels. An unknown task is refused elsewhere."""
+    from tasks import registered_task
+
+    cls = registered_task(task)
+    return cls is not None and cls.reads_boxes(kwargs or {})
 
 
 def augment_problem(spec: list, task: str, task_kwargs: dict[str, Any] | None = None) -> str | None:
