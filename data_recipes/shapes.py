@@ -36,6 +36,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -346,6 +347,26 @@ def answer_list(config: ShapesConfig | None = None) -> list[str]:
     relations (the VQA candidate set)."""
     config = config or ShapesConfig()
     return [*config.colours, *config.shapes, *COUNT_WORDS[:config.max_shapes + 1], *YES_NO, *RELATIONS]
+
+
+def phrase_groundings(text: str, kinds: list[tuple[str, str]]) -> list[list[int]]:
+    """The phrases of `text` that name exactly one of the picture's objects, as [start, end, object index]
+    (character offsets): "the red star" when the picture has one red star, "the star" when it has one star,
+    "the red object" when it has one red object. A phrase that names none ("is there a blue square?" of a
+    picture without one) or several is left out. `kinds` lists the objects' (colour, shape) in box order.
+    What VQA's grounding loss supervises: which context region a question's phrase means."""
+    found = []
+    for match in _PHRASE.finditer(text):
+        colour, noun = match.group("colour"), match.group("noun")
+        shape = None if noun == "object" else noun
+        named = [i for i, (c, s) in enumerate(kinds) if (colour is None or c == colour) and (shape is None or s == shape)]
+        if len(named) == 1 and (colour or shape):
+            found.append([match.start("phrase"), match.end("phrase"), named[0]])
+    return found
+
+
+_PHRASE = re.compile(r"\b(?:the|a|an) (?P<phrase>(?:(?P<colour>%s) )?(?P<noun>%s|object))\b"
+                     % ("|".join(COLOURS), "|".join(SHAPES)))
 
 
 def caption_corpus(dataset, with_qa: bool = False) -> list[str]:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .base import Task, register_task, require_fields, stack_images
 from .captioning import caption_loss
+from .grounding import grounding_loss, input_boxes, phrase_targets
 
 VQAV2_NUM_ANSWERS = 3129
 MODES = ("rank", "generate")
@@ -61,6 +62,20 @@ def vqav2_answer_list(annotations_json_path: str | Path | Sequence[str | Path],
     return [answer for answer, _ in ranked[:top_k]]
 
 
+def answer_separation(answer_embeddings: Tensor, margin: float, logit_scale: Tensor) -> Tensor:
+    """How far the answers embed alike beyond `margin` (cosine), in logit units (the scale without its
+    gradient): for each answer, scale * relu(cos - margin) summed over the others, averaged over the answers.
+    A ranking loss moves the query along the difference of the answers' embeddings; where those nearly coincide
+    it cannot learn to tell the answers apart, and the answers stay together while the query cannot."""
+    embeddings = F.normalize(answer_embeddings.float(), dim=-1)
+    count = embeddings.shape[0]
+    if count < 2:
+        return embeddings.sum() * 0.0
+    cosines = embeddings @ embeddings.T
+    others = ~torch.eye(count, dtype=torch.bool, device=cosines.device)
+    return (logit_scale.detach() * F.relu(cosines[others] - margin)).sum() / count
+
+
 @register_task("vqa")
 class VQATask(Task):
     """batch: {"images": (B, 3, H, W), "questions": list[str], "answers": list[str] (targets),
@@ -73,17 +88,38 @@ class VQATask(Task):
     mode: "rank" over the answer list, or "generate" open-ended answers (no answer list needed).
     label_smoothing: of the ranking loss, 0.1 as Uni-Perceiver; the generation loss is plain cross-entropy.
     beams, max_length: decoding of "generate".
+    grounding_weight: with a model built with `detection.ground_text`, the weight of the loss that teaches each
+        phrase naming one object (the samples' "qa_groundings": per question, [start, end, box index] into
+        "boxes") to attend to that object's context region (`tasks/grounding.py`); 0 leaves it out. Whole
+        pictures must then carry "qa_groundings"; one-question samples have none and train the answers alone.
+    answer_margin: keep every two answers of the list at cosine <= this (a hinge, in logit units): answers that
+        embed alike ("left of" and "right of" reach 0.999) leave the query no gradient to learn them apart.
     """
 
     family = "vqa"
 
+    @classmethod
+    def reads_boxes(cls, kwargs: dict[str, Any]) -> bool:
+        """The grounding loss reads the boxes of the objects the questions name."""
+        return bool(kwargs.get("grounding_weight", 0))
+
     def __init__(self, answer_list: Sequence[str] | None = None, mode: str = "rank", label_smoothing: float = 0.1,
-                 beams: int = 1, max_length: int | None = None, image_size: int = 224):
+                 beams: int = 1, max_length: int | None = None, grounding_weight: float = 0.0,
+                 answer_margin: float | None = None, image_size: int = 224):
         super().__init__(image_size)
         if mode not in MODES:
             raise ValueError(f"vqa: unknown mode {mode!r}; expected one of {MODES}")
+        if isinstance(grounding_weight, bool) or not isinstance(grounding_weight, (int, float)) or not (
+                0 <= grounding_weight < float("inf")):
+            raise ValueError(f"vqa: grounding_weight {grounding_weight!r}; expected a finite number >= 0")
+        if answer_margin is not None and (isinstance(answer_margin, bool) or not isinstance(
+                answer_margin, (int, float)) or not -1 <= answer_margin <= 1):
+            raise ValueError(f"vqa: answer_margin {answer_margin!r}; expected a cosine in [-1, 1] or null")
+        if mode == "generate" and (grounding_weight or answer_margin is not None):
+            raise ValueError("vqa: grounding_weight and answer_margin belong to mode 'rank'")
         self.answer_list = list(answer_list) if answer_list is not None else None
         self.mode, self.label_smoothing, self.beams, self.max_length = mode, label_smoothing, beams, max_length
+        self.grounding_weight, self.answer_margin = float(grounding_weight), answer_margin
 
     def format_batch(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Samples with "image", "question" and "answer" (normalised by `normalize_answer`), one question each;
@@ -105,8 +141,9 @@ class VQATask(Task):
         """Every question of each picture in one batch: the picture's tokens are computed once for all of them
         (`UniPerceiver.vqa_query(image_index=...)`), so a step trains on about five times the questions of a
         one-question-per-picture batch for the same backbone work."""
-        require_fields(samples, ["image", "questions", "qa_answers"], self.name)
-        image_index, questions, answers = [], [], []
+        require_fields(samples, ["image", "questions", "qa_answers"] + (
+            ["qa_groundings", "boxes"] if self.grounding_weight else []), self.name)
+        image_index, questions, answers, groundings = [], [], [], []
         for i, sample in enumerate(samples):
             asked, answered = sample["questions"], sample["qa_answers"]
             if not isinstance(asked, (list, tuple)) or not isinstance(answered, (list, tuple)) or len(asked) != len(
@@ -117,10 +154,29 @@ class VQATask(Task):
             image_index += [i] * len(asked)
             questions += list(asked)
             answers += [normalize_answer(answer) for answer in answered]
+            if self.grounding_weight:
+                groundings += self._groundings(sample, i, len(asked))
         if not questions:
             raise ValueError(f"task {self.name!r}: no picture of the batch has a question")
-        return {"images": stack_images([s["image"] for s in samples], self.image_size),
-                "questions": questions, "answers": answers, "image_index": image_index}
+        batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
+                 "questions": questions, "answers": answers, "image_index": image_index}
+        if self.grounding_weight:
+            batch["groundings"] = groundings
+        return batch
+
+    def _groundings(self, sample: dict[str, Any], i: int, count: int) -> list[list[tuple[int, int, list[float]]]]:
+        """A sample's "qa_groundings" with each box index replaced by its box in input pixels (xyxy)."""
+        phrases, boxes = sample["qa_groundings"], input_boxes(sample["image"], sample["boxes"], self.image_size)
+        if len(phrases) != count:
+            raise ValueError(f"task {self.name!r}: sample {i} has {len(phrases)} 'qa_groundings' for {count} questions")
+        out = []
+        for question in phrases:
+            bad = [p for p in question if len(p) != 3 or not 0 <= int(p[2]) < len(boxes)]
+            if bad:
+                raise ValueError(f"task {self.name!r}: sample {i}: 'qa_groundings' entries {bad} are not [start, end, "
+                                 f"box index] into its {len(boxes)} boxes")
+            out.append([(int(start), int(end), boxes[int(box)]) for start, end, box in question])
+        return out
 
     def _answer_list(self, batch: dict[str, Any]) -> list[str]:
         answer_list = batch.get("answer_list", self.answer_list)
@@ -154,9 +210,24 @@ class VQATask(Task):
                                           prompts=batch["questions"])
             return caption_loss(logits, word_indices, lengths)
         targets = self.targets(batch).to(device)
-        queries = model.vqa_query(images, batch["questions"], image_index=batch.get("image_index"))
-        logits = model.readout.similarity(queries, model.encode_text(self._answer_list(batch)), self.family)
-        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        queries, grounding = model.vqa_query_and_grounding(images, batch["questions"],
+                                                           image_index=batch.get("image_index"))
+        answers = model.encode_text(self._answer_list(batch))
+        logits = model.readout.similarity(queries, answers, self.family)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        if self.grounding_weight:
+            if grounding is None:
+                raise ValueError(f"task {self.name!r}: grounding_weight needs a model built with "
+                                 "model.detection.ground_text: true (and context_regions >= 1)")
+        # Only whole pictures carry their phrases' objects ("qa_groundings"); a batch of one question per sample
+        # (the validation split's) trains and scores the answers alone.
+        if self.grounding_weight and "groundings" in batch:
+            phrase = phrase_targets(model.text_encoder.token_offsets(batch["questions"]), batch["groundings"],
+                                    grounding.boxes, grounding.valid)
+            loss = loss + self.grounding_weight * grounding_loss(grounding.logits, phrase)
+        if self.answer_margin is not None:
+            loss = loss + answer_separation(answers, self.answer_margin, model.readout.scale(self.family))
+        return loss
 
     @torch.no_grad()
     def predict(self, model, batch: dict[str, Any]) -> list[str]:

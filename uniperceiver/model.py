@@ -37,7 +37,8 @@ from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .masks import padded_caption_attention_mask
 from .processing import PROCESSOR_FILE, ImageProcessor
 from .readout import DEFAULT_FAMILIES, SimilarityReadout
-from .region_proposals import Proposals, RegionConfig, RegionProposalNetwork, RegionTokens
+from .grounding import PhraseGrounding, QuestionGrounding
+from .region_proposals import ContextRegions, Proposals, RegionConfig, RegionProposalNetwork, RegionTokens
 from .text_encoder import DTYPES, TextEncoder, TextEncoderConfig, end_of_text_id
 
 ARCHITECTURE = "UniPerceiver"
@@ -175,7 +176,7 @@ class UniPerceiver(nn.Module):
         self.readout = SimilarityReadout(width, config.embed_dim, config.families)
         self.register_buffer("caption_vocab", torch.tensor(self._caption_vocab(), dtype=torch.long), persistent=False)
         self.region_proposer = self.region_tokens = self.context_tokens = self.context_score = None
-        self.context_name = None
+        self.context_name = self.grounding = None
         if config.detection is not None:
             self._build_detection(config.detection, width)
         # diffusion_root: a saved model's diffusion/ folder, which replaces config.diffusion.pretrained
@@ -203,6 +204,8 @@ class UniPerceiver(nn.Module):
             self.context_score = nn.Linear(1, width)
             if config.context_names:
                 self.context_name = nn.Linear(self.config.embed_dim, width)
+            if config.ground_text:
+                self.grounding = PhraseGrounding(width, config.box_frequencies)
 
     @property
     def has_detection(self) -> bool:
@@ -300,16 +303,25 @@ class UniPerceiver(nn.Module):
     def image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The image's decoder tokens (global, patch and, with `detection.context_regions`, region tokens)
         and their modality ids: what every task's input sequence starts with."""
-        if self.context_score is None:
-            return self.image_encoder(images)
-        tokens, kinds, maps = self.image_encoder.encode(images)
-        return self.with_context_regions(tokens, kinds, [maps[level] for level in self.config.detection.levels],
-                                         tuple(images.shape[-2:]))
+        tokens, kinds, _ = self.image_tokens_and_regions(images)
+        return tokens, kinds
 
-    def with_context_regions(self, tokens: Tensor, kinds: Tensor, maps: list[Tensor],
-                             image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Image tokens followed by the region tokens of the image's best `context_regions` proposals (boxes
-        found without gradients; the RoI features train with every task), in proposal order. With
+    def image_tokens_and_regions(self, images: Tensor) -> tuple[Tensor, Tensor, ContextRegions | None]:
+        """`image_tokens`, and the context regions among them (None without `detection.context_regions`)."""
+        if self.context_score is None:
+            tokens, kinds = self.image_encoder(images)
+            return tokens, kinds, None
+        tokens, kinds, maps = self.image_encoder.encode(images)
+        regions = self.context_regions(tokens, kinds, [maps[level] for level in self.config.detection.levels],
+                                       tuple(images.shape[-2:]))
+        region_kinds = torch.full(regions.tokens.shape[:2], int(Modality.REGION), device=kinds.device,
+                                  dtype=kinds.dtype)
+        return torch.cat([tokens, regions.tokens], 1), torch.cat([kinds, region_kinds], 1), regions
+
+    def context_regions(self, tokens: Tensor, kinds: Tensor, maps: list[Tensor],
+                        image_size: tuple[int, int]) -> ContextRegions:
+        """The region tokens of the image's best `context_regions` proposals (boxes found without gradients;
+        the RoI features train with every task), in proposal order, which follow its image tokens. With
         `context_names`, each also carries detection's embedding of its box, found without gradients: the other
         tasks read what detection learns to name and cannot pull detection away from naming."""
         with torch.no_grad():
@@ -320,8 +332,7 @@ class UniPerceiver(nn.Module):
         regions = self.context_tokens(maps, proposals.boxes, image_size).to(tokens.dtype) + self.context_score(scores)
         if names is not None:
             regions = regions + self.context_name(names.to(tokens.dtype) * scores.gt(0))
-        region_kinds = torch.full(regions.shape[:2], int(Modality.REGION), device=kinds.device, dtype=kinds.dtype)
-        return torch.cat([tokens, regions], 1), torch.cat([kinds, region_kinds], 1)
+        return ContextRegions(regions, proposals.boxes, proposals.valid, image_size)
 
     def text_tokens(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         features, valid = self.text_encoder(list(texts))
@@ -349,6 +360,8 @@ class UniPerceiver(nn.Module):
         if family == "detection" and self.context_tokens is not None and zero3_partitioned(
                 self.context_tokens.parameters()):  # detection reads no context regions
             loss = loss + 0.0 * self._idle_context_term(loss)
+        if self.grounding is not None and family != "vqa" and zero3_partitioned(self.grounding.parameters()):
+            loss = loss + 0.0 * self._idle_grounding_term(loss)
         # The branch and the image encoder idle on each other's steps; only ZeRO-3 needs them run (the engine's
         # touch_every_parameter gives idle parameters their zero gradient otherwise, for 10% less time a step).
         if self.has_diffusion and family != "diffusion" and zero3_partitioned(self.diffusion.projection.parameters()):
@@ -389,6 +402,14 @@ class UniPerceiver(nn.Module):
         if self.context_name is not None:
             term = term + self.context_name(like.new_zeros(1, self.config.embed_dim)).sum()
         return term
+
+    def _idle_grounding_term(self, like: Tensor) -> Tensor:
+        """The grounding layer on one zero token and region, for the steps of tasks that ask no questions."""
+        width = self.config.decoder.width
+        zero = like.new_zeros(1, 1, width)
+        grounded, logits = self.grounding(zero, zero, like.new_tensor([[[0.0, 0.0, 1.0, 1.0]]]),
+                                          torch.ones(1, 1, dtype=torch.bool, device=like.device), (1, 1))
+        return grounded.sum() + logits.sum()
 
     def encode_image(self, images) -> Tensor:
         """Pictures (PIL, paths, numpy, tensors; see `prepare_images`) -> (B, embed_dim) embeddings (unit norm)."""
@@ -431,8 +452,17 @@ class UniPerceiver(nn.Module):
         """[SPE, image, question, SPE query] -> the query's embedding (Q, embed_dim). Without `image_index` the
         i-th question asks about the i-th picture; with it, question i asks about picture `image_index[i]`, and
         each picture's tokens are computed once however many questions it has (training on every question of a
-        picture costs one backbone pass)."""
-        image_tokens, image_kinds = self.image_tokens(self.prepare_images(images))
+        picture costs one backbone pass). With `detection.ground_text` the question's tokens first read the
+        context regions' places (`uniperceiver.grounding`)."""
+        return self.vqa_query_and_grounding(images, questions, image_index)[0]
+
+    def vqa_query_and_grounding(self, images, questions: Sequence[str],
+                                image_index: Tensor | Sequence[int] | None = None
+                                ) -> tuple[Tensor, QuestionGrounding | None]:
+        """`vqa_query`, and with `detection.ground_text` each question token's grounding logits over its
+        picture's context regions (Q, L, K) with those regions' boxes (Q, K, 4), which a task can supervise
+        (the VQA task's `grounding_weight`); None without it."""
+        image_tokens, image_kinds, regions = self.image_tokens_and_regions(self.prepare_images(images))
         if image_index is not None:
             image_index = torch.as_tensor(image_index, dtype=torch.long, device=image_tokens.device)
             if image_index.dim() != 1 or (image_index.numel() and not 0 <= int(image_index.min()) <= int(
@@ -440,9 +470,16 @@ class UniPerceiver(nn.Module):
                 raise ValueError(f"vqa_query: image_index must be a 1-D list of picture indices in [0, "
                                  f"{image_tokens.shape[0]}), got {image_index.tolist()}")
             image_tokens, image_kinds = image_tokens[image_index], image_kinds[image_index]
+            if regions is not None:
+                regions = ContextRegions(regions.tokens[image_index], regions.boxes[image_index],
+                                         regions.valid[image_index], regions.image_size)
         batch = image_tokens.shape[0]
         questions = _text_list(questions, "questions", batch)
         text, text_valid = self.text_tokens(questions)
+        grounding = None
+        if self.grounding is not None:
+            text, logits = self.grounding(text, regions.tokens, regions.boxes, regions.valid, regions.image_size)
+            grounding = QuestionGrounding(logits, regions.boxes, regions.valid)
         tokens = torch.cat([image_tokens, text], dim=1)
         kinds = torch.cat([image_kinds, torch.full(text_valid.shape, int(Modality.TEXT), device=text.device)], 1)
         tokens, kinds = self.decoder.prepend_spe(tokens, kinds)
@@ -452,7 +489,7 @@ class UniPerceiver(nn.Module):
         # Positions count real tokens only: a sample's answer does not depend on its batch's padding.
         attributes = decoder_attributes(self.decoder, kinds, IMAGE_TEXT_INPUT)
         hidden = self.decoder(tokens, kinds, packed_positions(valid), valid=valid, attributes=attributes).hidden_states
-        return self.readout(hidden[:, -1])
+        return self.readout(hidden[:, -1]), grounding
 
     # -------------------------------------------------------------------------------------- detection
     def _require_detection(self) -> None:

@@ -39,7 +39,10 @@ class RegionConfig:
     (stride 16 and coarser) blur away: what a question about a small shape's identity or place needs;
     context_names: whether each context region also carries its detection embedding (the decoder's region
     embedding, what detection ranks the category names against; found without gradients), so that every task
-    reads what detection has learned to name, as object tags in region-based vision-language models."""
+    reads what detection has learned to name, as object tags in region-based vision-language models;
+    ground_text: whether a question's tokens first attend over the context regions and take in their boxes
+    (`uniperceiver.grounding`), which VQA can supervise with the phrases' objects: what questions on two
+    objects' places need."""
     levels: tuple[int, ...] = (0, 1, 2, 3)
     width: int = 64
     depth: int = 2
@@ -52,6 +55,7 @@ class RegionConfig:
     box_frequencies: int = 8
     context_regions: int = 0
     context_names: bool = False
+    ground_text: bool = False
 
     def __post_init__(self):
         self.levels = tuple(int(level) for level in self.levels)
@@ -66,6 +70,8 @@ class RegionConfig:
                              f"got {self.context_regions}")
         if self.context_names and not self.context_regions:
             raise ValueError("RegionConfig.context_names needs context_regions >= 1: only context regions carry names")
+        if self.ground_text and not self.context_regions:
+            raise ValueError("RegionConfig.ground_text needs context_regions >= 1: the text is grounded in them")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +94,15 @@ class Proposals(NamedTuple):
     boxes: Tensor
     scores: Tensor
     valid: Tensor
+
+
+class ContextRegions(NamedTuple):
+    """The context regions of a batch of pictures: tokens (B, K, width), as they join the image tokens; boxes
+    (B, K, 4) xyxy in input pixels; valid (B, K), False for padding; image_size (height, width) of the input."""
+    tokens: Tensor
+    boxes: Tensor
+    valid: Tensor
+    image_size: tuple[int, int]
 
 
 def decode_boxes(points: Tensor, distances: Tensor) -> Tensor:

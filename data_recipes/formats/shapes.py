@@ -6,6 +6,7 @@ import dataclasses
 import typing
 
 from ..samples import Sample
+from ..shapes import phrase_groundings
 from .base import ImageDataset
 
 
@@ -31,7 +32,8 @@ def _config_from_options(options: dict[str, str]):
 
 class ShapesSamples(ImageDataset):
     """One sample per image (`captions`, `label`, `boxes`, `categories`; the question-answer pairs in
-    `extra["questions"]`, `extra["qa_answers"]`), or with `task=vqa` one sample per question."""
+    `extra["questions"]`, `extra["qa_answers"]`, and for each question the phrases that name one object,
+    [start, end, box index], in `extra["qa_groundings"]`), or with `task=vqa` one sample per question."""
 
     format_name = "shapes"
     layout = "generated on first use into FOLDER (default: the project cache) as a Hugging Face dataset"
@@ -49,6 +51,7 @@ class ShapesSamples(ImageDataset):
         self.split, self.task, self.data = split, task, data[split]
         self.class_names = list(class_names(shapes_config))
         self.categories = dict(enumerate(shapes_config.shapes))
+        self.colours = dict(enumerate(shapes_config.colours))
         if task == "vqa":
             self.task_fields = ("question", "answers")
             self.records = [(row, q) for row, questions in enumerate(self.data["questions"])
@@ -72,5 +75,7 @@ class ShapesSamples(ImageDataset):
         sample.captions, sample.label = list(row["captions"]), row["label"]
         sample.boxes = [[float(v) for v in box] for box in row["objects"]["bbox"]]
         sample.category_ids, sample.categories = category_ids, [self.categories[c] for c in category_ids]
-        sample.extra = {"questions": list(row["questions"]), "qa_answers": list(row["answers"])}
+        kinds = [(self.colours[c], self.categories[k]) for c, k in zip(row["objects"]["colour"], category_ids)]
+        sample.extra = {"questions": list(row["questions"]), "qa_answers": list(row["answers"]),
+                        "qa_groundings": [phrase_groundings(q, kinds) for q in row["questions"]]}
         return sample

@@ -1,0 +1,68 @@
+"""Supervision for the phrase-grounding layer (`uniperceiver.grounding`): which context region each grounded
+phrase of a question means. A phrase comes from the data as [start, end, box] (characters of the question, and
+the box of the one object it names); its last token (which, in a causal language model, has read the whole
+phrase) is taught to attend to the context region that overlaps that box best, when the overlap reaches
+`min_iou`. Phrases whose object no context region found are left out."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_iou
+
+IGNORE = -100
+
+
+def input_boxes(image: Any, boxes: Sequence[Sequence[float]], size: int) -> list[list[float]]:
+    """COCO [x, y, w, h] boxes in a picture's own pixels -> xyxy in the model's input pixels, as `stack_images`
+    prepares it: a PIL picture is resized so that its shorter side is `size`, then centre-cropped (boxes are
+    clipped to the crop); a tensor is taken as already at the input size."""
+    if isinstance(image, Tensor):
+        scale, left, top, limit_w, limit_h = 1.0, 0.0, 0.0, image.shape[-1], image.shape[-2]
+    else:
+        width, height = image.size
+        scale = size / min(width, height)
+        # torchvision's Resize rounds the longer side down; CenterCrop's offsets round to the nearest pixel
+        resized_w, resized_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+        left, top = int(round((resized_w - size) / 2.0)), int(round((resized_h - size) / 2.0))
+        limit_w = limit_h = size
+    out = []
+    for x, y, w, h in boxes:
+        x0, y0, x1, y1 = x * scale - left, y * scale - top, (x + w) * scale - left, (y + h) * scale - top
+        out.append([min(max(x0, 0.0), limit_w), min(max(y0, 0.0), limit_h),
+                    min(max(x1, 0.0), limit_w), min(max(y1, 0.0), limit_h)])
+    return out
+
+
+def phrase_targets(offsets: Tensor, groundings: Sequence[Sequence[tuple[int, int, Sequence[float]]]],
+                   region_boxes: Tensor, region_valid: Tensor, min_iou: float = 0.5) -> Tensor:
+    """(Q, L) the context region each question token should attend to, IGNORE elsewhere.
+    offsets (Q, L, 2): `TextEncoder.token_offsets`; groundings: per question, (start, end, xyxy box) phrases;
+    region_boxes (Q, K, 4), region_valid (Q, K): the questions' context regions."""
+    if len(groundings) != offsets.shape[0]:
+        raise ValueError(f"phrase_targets: {len(groundings)} questions' groundings for {offsets.shape[0]} questions")
+    targets = torch.full(offsets.shape[:2], IGNORE, dtype=torch.long)
+    boxes, valid = region_boxes.detach().float().cpu(), region_valid.cpu()
+    for q, phrases in enumerate(groundings):
+        if not phrases:
+            continue
+        starts, ends = offsets[q, :, 0], offsets[q, :, 1]
+        for start, end, box in phrases:
+            covering = ((starts < end) & (ends > start) & (ends > starts)).nonzero(as_tuple=True)[0]
+            if covering.numel() == 0:
+                continue  # truncated away
+            overlap = box_iou(boxes[q], torch.tensor([list(box)], dtype=torch.float))[:, 0]
+            overlap = torch.nan_to_num(overlap, nan=0.0).masked_fill(~valid[q], 0.0)
+            if overlap.max() >= min_iou:
+                targets[q, covering[-1]] = int(overlap.argmax())
+    return targets
+
+
+def grounding_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of the grounded tokens' attention over the regions; 0 (with a graph) when none is grounded."""
+    targets = targets.to(logits.device)
+    if not bool((targets != IGNORE).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)

@@ -1,0 +1,189 @@
+"""Phrase grounding: the shapes data's phrase labels, the boxes in input pixels, the layer, and VQA's losses."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from tiny_model import TINY_BACKBONE, offline_cache  # noqa: F401  (a fixture)
+from data_recipes.shapes import phrase_groundings
+from tasks import get_task
+from tasks.grounding import IGNORE, grounding_loss, input_boxes, phrase_targets
+from tasks.vqa import answer_separation
+from uniperceiver.grounding import PhraseGrounding
+from uniperceiver.region_proposals import RegionConfig, box_encoding
+
+DETECTION = {"levels": [1, 2, 3], "width": 32, "depth": 1, "num_proposals": 8, "pre_nms_top_k": 100,
+             "context_regions": 3}
+
+
+def test_phrases_that_name_exactly_one_object_are_grounded():
+    kinds = [("red", "star"), ("blue", "square"), ("red", "circle")]
+
+    def spans(question):
+        return [(question[start:end], index) for start, end, index in phrase_groundings(question, kinds)]
+
+    assert spans("where is the red star relative to the blue square?") == [("red star", 0), ("blue square", 1)]
+    assert spans("is the red circle left of the blue square?") == [("red circle", 2), ("blue square", 1)]
+    assert spans("what colour is the square?") == [("square", 1)]
+    assert spans("what shape is the blue object?") == [("blue object", 1)]
+    assert spans("what shape is the red object?") == []       # two red objects
+    assert spans("is there a green star?") == []              # none
+    assert spans("how many red shapes are there?") == []      # a count names no one object
+    assert spans("is there an orange diamond?") == []
+
+
+def test_shapes_samples_carry_one_grounding_list_per_question(offline_cache):  # noqa: F811
+    from data_recipes.formats.shapes import ShapesSamples
+
+    data = ShapesSamples(split="val", train_size=8, val_size=6, test_size=2)
+    for record in data.records:
+        sample = data._sample(record)
+        groundings = sample.extra["qa_groundings"]
+        assert len(groundings) == len(sample.extra["questions"])
+        for question, phrases in zip(sample.extra["questions"], groundings):
+            for start, end, index in phrases:
+                colour_or_shape = question[start:end].split()
+                named = sample.categories[index]
+                assert named in colour_or_shape or colour_or_shape[-1] == "object"
+
+
+def test_boxes_follow_the_evaluation_resize_and_centre_crop():
+    wide = Image.new("RGB", (128, 64))
+    # shorter side 64 -> 64: no scaling; the crop keeps x in [32, 96)
+    assert input_boxes(wide, [[40, 10, 20, 20]], 64) == [[8.0, 10.0, 28.0, 30.0]]
+    # a box partly outside the crop is clipped to it
+    assert input_boxes(wide, [[20, 0, 20, 10]], 64) == [[0.0, 0.0, 8.0, 10.0]]
+    square = Image.new("RGB", (32, 32))
+    assert input_boxes(square, [[4, 8, 8, 4]], 64) == [[8.0, 16.0, 24.0, 24.0]]
+    assert input_boxes(torch.zeros(3, 64, 64), [[4, 8, 8, 4]], 64) == [[4.0, 8.0, 12.0, 12.0]]
+
+
+def test_phrase_targets_pick_the_last_token_and_the_best_overlapping_region():
+    # "is the red star left of it": tokens [bos, is, the, red, star, left, of, it]
+    offsets = torch.tensor([[[0, 0], [0, 2], [2, 6], [6, 10], [10, 15], [15, 20], [20, 23], [23, 26]]])
+    regions = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0], [21.0, 21.0, 40.0, 40.0]]])
+    valid = torch.tensor([[True, True, False]])
+    targets = phrase_targets(offsets, [[(7, 15, [21.0, 21.0, 40.0, 40.0])]], regions, valid)
+    expected = torch.full((1, 8), IGNORE)
+    expected[0, 4] = 1  # region 2 overlaps best but is padding
+    assert torch.equal(targets, expected)
+    # no region overlaps the object by 0.5: nothing to learn
+    far = phrase_targets(offsets, [[(7, 15, [50.0, 50.0, 60.0, 60.0])]], regions, valid)
+    assert (far == IGNORE).all()
+    logits = torch.zeros(1, 8, 3, requires_grad=True)
+    loss = grounding_loss(logits, far)
+    assert loss.item() == 0 and loss.requires_grad
+    with pytest.raises(ValueError, match="2 questions' groundings for 1 questions"):
+        phrase_targets(offsets, [[], []], regions, valid)
+
+
+def test_grounding_layer_starts_as_the_identity_and_ignores_padding_regions():
+    torch.manual_seed(0)
+    layer = PhraseGrounding(16, box_frequencies=2)
+    text, regions = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 8.0, 16.0, 16.0], [0.0, 0.0, 16.0, 16.0]]).expand(2, 3, 4)
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    out, logits = layer(text, regions, boxes, valid, (16, 16))
+    assert torch.equal(out, text)  # the box projection starts at zero
+    assert logits.shape == (2, 5, 3)
+    torch.nn.init.normal_(layer.box.weight)
+    out, logits = layer(text, regions, boxes, valid, (16, 16))
+    assert torch.isfinite(out).all()
+    weights = logits.softmax(-1)
+    assert weights[0, :, 2].max() == 0  # padding takes no attention
+    expected = text[0] + layer.box(weights[0] @ box_encoding(boxes[0], (16, 16), 2))
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_answer_separation_is_the_hinge_over_every_pair():
+    answers = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
+    scale = torch.tensor(10.0)
+    unit = torch.nn.functional.normalize(answers, dim=-1)
+    cos = unit @ unit.T
+    expected = sum(10.0 * max(cos[i, j].item() - 0.5, 0.0) for i in range(3) for j in range(3) if i != j) / 3
+    assert answer_separation(answers, 0.5, scale).item() == pytest.approx(expected)
+    assert answer_separation(torch.eye(3), 0.5, scale).item() == 0
+
+
+def test_vqa_with_grounding_needs_the_layer_and_trains_it(offline_cache):  # noqa: F811
+    from uniperceiver import UniPerceiver, tiny_config
+
+    with pytest.raises(ValueError, match="ground_text needs context_regions"):
+        RegionConfig(ground_text=True)
+    with pytest.raises(ValueError, match="grounding_weight"):
+        get_task("vqa", grounding_weight=-1)
+    with pytest.raises(ValueError, match="answer_margin"):
+        get_task("vqa", answer_margin=2)
+    assert get_task("vqa").reads_boxes({"grounding_weight": 1.0})
+    assert not get_task("vqa").reads_boxes({})
+
+    torch.manual_seed(0)
+    answers = ["red", "blue", "left of", "right of"]
+    task = get_task("vqa", answer_list=answers, grounding_weight=1.0, answer_margin=0.5, image_size=64)
+    picture = Image.new("RGB", (64, 64), (255, 255, 255))
+    samples = [{"image": picture, "questions": ["where is the red star relative to the blue square?",
+                                                "what colour is the star?"],
+                "qa_answers": ["left of", "red"], "boxes": [[4, 20, 16, 16], [40, 20, 16, 16]],
+                "qa_groundings": [[[13, 21, 0], [38, 49, 1]], [[19, 23, 0]]]}]
+    batch = task.format_batch(samples)
+    assert batch["groundings"][0] == [(13, 21, [4.0, 20.0, 20.0, 36.0]), (38, 49, [40.0, 20.0, 56.0, 36.0])]
+    with pytest.raises(KeyError, match="qa_groundings"):
+        task.format_batch([{k: v for k, v in samples[0].items() if k != "qa_groundings"}])
+    bad = [{**samples[0], "qa_groundings": [[[13, 21, 5]], []]}]
+    with pytest.raises(ValueError, match=r"not \[start, end, box index\] into its 2 boxes"):
+        task.format_batch(bad)
+
+    plain = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE}, detection=DETECTION))
+    with pytest.raises(ValueError, match="ground_text"):
+        task.loss(plain, batch)
+
+    model = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
+                                     detection={**DETECTION, "ground_text": True}))
+    model.eval()
+    with torch.no_grad():  # the new layer changes nothing until its box projection has trained
+        query, grounding = model.vqa_query_and_grounding(batch["images"], batch["questions"], batch["image_index"])
+        torch.testing.assert_close(query, plain_query(model, batch))
+    assert grounding.logits.shape[:2] == (2, model.text_encoder.tokenize(batch["questions"])["input_ids"].shape[1])
+    # give the proposer two boxes on the objects, so that the phrases have regions to attend to
+    model.propose_regions = lambda maps, size, count=None: fixed_proposals(count or 3)
+    model.train()
+    loss = model(task, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.grounding.query.weight.grad.abs().max() > 0 and model.grounding.box.weight.grad.abs().max() > 0
+    # one question per sample (a validation split) carries no phrases: the answers' loss alone, no error
+    single = task.format_batch([{"image": picture, "question": "what colour is the star?", "answer": "red"}])
+    assert "groundings" not in single and torch.isfinite(task.loss(model, single))
+
+    # a few steps on the grounding layer alone lower the grounding loss
+    optimizer = torch.optim.Adam(model.grounding.parameters(), lr=3e-2)
+    offsets = model.text_encoder.token_offsets(batch["questions"])
+
+    def grounding_only():
+        _, found = model.vqa_query_and_grounding(batch["images"], batch["questions"], batch["image_index"])
+        return grounding_loss(found.logits, phrase_targets(offsets, batch["groundings"], found.boxes, found.valid))
+
+    first = grounding_only().item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        grounding_only().backward()
+        optimizer.step()
+    assert grounding_only().item() < 0.5 * first
+
+
+def plain_query(model, batch):
+    """The query with the grounding layer taken out."""
+    layer, model.grounding = model.grounding, None
+    try:
+        return model.vqa_query(batch["images"], batch["questions"], image_index=batch["image_index"])
+    finally:
+        model.grounding = layer
+
+
+def fixed_proposals(count):
+    from uniperceiver.region_proposals import Proposals
+
+    boxes = torch.tensor([[40.0, 20.0, 56.0, 36.0], [4.0, 20.0, 20.0, 36.0], [0.0, 0.0, 64.0, 64.0]])[:count]
+    return Proposals(boxes[None], torch.tensor([[0.9, 0.8, 0.0]])[:, :count],
+                     torch.tensor([[True, True, False]])[:, :count])
