@@ -359,7 +359,8 @@ def phrase_groundings(text: str, kinds: list[tuple[str, str]]) -> list[list[int]
     for match in _PHRASE.finditer(text):
         colour, noun = match.group("colour"), match.group("noun")
         shape = None if noun == "object" else noun
-        named = [i for i, (c, s) in enumerate(kinds) if (colour is None or c == colour) and (shape is None or s == shape)]
+        named = [i for i, (c, s) in enumerate(kinds)
+                 if (colour is None or c == colour) and (shape is None or s == shape)]
         if len(named) == 1 and (colour or shape):
             found.append([match.start("phrase"), match.end("phrase"), named[0]])
     return found

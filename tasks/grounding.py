@@ -25,7 +25,10 @@ def input_boxes(image: Any, boxes: Sequence[Sequence[float]], size: int) -> list
         width, height = image.size
         scale = size / min(width, height)
         # torchvision's Resize rounds the longer side down; CenterCrop's offsets round to the nearest pixel
-        resized_w, resized_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+        if width <= height:
+            resized_w, resized_h = size, int(size * height / width)
+        else:
+            resized_w, resized_h = int(size * width / height), size
         left, top = int(round((resized_w - size) / 2.0)), int(round((resized_h - size) / 2.0))
         limit_w = limit_h = size
     out = []

@@ -215,10 +215,9 @@ class VQATask(Task):
         answers = model.encode_text(self._answer_list(batch))
         logits = model.readout.similarity(queries, answers, self.family)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        if self.grounding_weight:
-            if grounding is None:
-                raise ValueError(f"task {self.name!r}: grounding_weight needs a model built with "
-                                 "model.detection.ground_text: true (and context_regions >= 1)")
+        if self.grounding_weight and grounding is None:
+            raise ValueError(f"task {self.name!r}: grounding_weight needs a model built with "
+                             "model.detection.ground_text: true (and context_regions >= 1)")
         # Only whole pictures carry their phrases' objects ("qa_groundings"); a batch of one question per sample
         # (the validation split's) trains and scores the answers alone.
         if self.grounding_weight and "groundings" in batch:

@@ -156,6 +156,11 @@ def test_vqa_with_grounding_needs_the_layer_and_trains_it(offline_cache):  # noq
     single = task.format_batch([{"image": picture, "question": "what colour is the star?", "answer": "red"}])
     assert "groundings" not in single and torch.isfinite(task.loss(model, single))
 
+    # under ZeRO-3 a step of a task that asks no questions still gives the layer a (zero) gradient
+    model.zero_grad()
+    (0.0 * model._idle_grounding_term(torch.zeros(()))).backward()
+    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in model.grounding.parameters())
+
     # a few steps on the grounding layer alone lower the grounding loss
     optimizer = torch.optim.Adam(model.grounding.parameters(), lr=3e-2)
     offsets = model.text_encoder.token_offsets(batch["questions"])

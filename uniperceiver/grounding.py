@@ -3,8 +3,10 @@
 Each text token attends over the picture's context regions (a query-key product, one head) and gets the
 encoding of the attended boxes added to it, so that the token of "star" in "where is the red star relative to
 the blue square?" carries the star's place, and the query compares two places that sit on two known words
-instead of finding both objects and comparing them within the decoder's few layers. In the tiny recipe that
-search did not get learned: position questions stayed at chance whatever the steps (docs/shapes-world.md).
+instead of finding both objects and comparing them within the decoder's few layers. Without it, position
+questions stayed at chance in every probe of the tiny model; with it (and the VQA task's `answer_margin`), VQA
+trained on relation questions learns them, though not within the few VQA steps of the tiny recipe's main job
+(docs/shapes-world.md).
 
 The attention is supervised where the data says which object a phrase names (the shapes data does, as
 MDETR's token-region alignment used Flickr30k Entities); without such labels it trains only through the task's

@@ -33,11 +33,11 @@ from .attributes import (IMAGE_INPUT, IMAGE_TEXT_INPUT, REGION_INPUT, TEXT_CANDI
 from .decoder import DecoderConfig, Modality, SharedDecoder
 from .diffusion import DiffusionBranch, DiffusionConfig, zero3_partitioned
 from .generation import packed_positions
+from .grounding import PhraseGrounding, QuestionGrounding
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .masks import padded_caption_attention_mask
 from .processing import PROCESSOR_FILE, ImageProcessor
 from .readout import DEFAULT_FAMILIES, SimilarityReadout
-from .grounding import PhraseGrounding, QuestionGrounding
 from .region_proposals import ContextRegions, Proposals, RegionConfig, RegionProposalNetwork, RegionTokens
 from .text_encoder import DTYPES, TextEncoder, TextEncoderConfig, end_of_text_id
 
