@@ -14,7 +14,8 @@ What is measured (every task ranks candidates by cosine similarity, as the model
 - vqa: the [image, question] query ranked against the whole `answer_list(config)`; exact-match accuracy
   (shapes has one answer per question) overall and per question type, chance 1/len(answer list), and the
   blind baseline overall and per type (`blind_vqa_accuracies`: the train split's most frequent answer to the
-  same question).
+  same question). With a grounding layer (`detection.ground_text`), also how often a phrase that names one
+  object attends most to that object's context region (grounding_accuracy, chance 1 / context_regions).
 - captioning: greedy (or beam) captions against all of the image's captions, CIDEr-D and BLEU-4 by
   pycocoevalcap on Python-tokenised text (no Java). Their "chance" is the score of a real caption of another
   image (the references rolled by one): what a fluent captioner blind to the image gets.
@@ -146,11 +147,21 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
         return {}, {}, {"questions": 0}
     answer_embeddings = _encode_texts(model, answers, batch_size, False).to(device)
     predictions = []
+    grounded = getattr(model, "grounding", None) is not None  # a model built with detection.ground_text
+    hits = phrases = 0
     for s in _batches(len(items), batch_size, progress, "questions"):
         batch = items[s:s + batch_size]
         index = [row for row, *_ in batch]
-        images = _images(model, rows.select(index), 0, len(index), device)
-        queries = F.normalize(model.vqa_query(images, [q for _, q, _, _ in batch]).float(), dim=-1)
+        picked = rows.select(index)
+        images = _images(model, picked, 0, len(index), device)
+        questions = [q for _, q, _, _ in batch]
+        if grounded:
+            queries, grounding = model.vqa_query_and_grounding(images, questions)
+            right, count = _grounding_hits(model, picked, questions, grounding, images.shape[-1])
+            hits, phrases = hits + right, phrases + count
+        else:
+            queries = model.vqa_query(images, questions)
+        queries = F.normalize(queries.float(), dim=-1)
         predictions += [answers[i] for i in (queries @ answer_embeddings.T).argmax(dim=-1).tolist()]
     targets = [t for _, _, t, _ in items]
     chance_value = 1 / len(answers)
@@ -166,7 +177,32 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
         if qa_type in blind:
             metrics[f"vqa/blind_baseline[{qa_type}]"] = blind[qa_type]
     chance = dict.fromkeys(metrics, chance_value)
-    return metrics, chance, {"questions": len(items), "answers": len(answers)}
+    counts = {"questions": len(items), "answers": len(answers)}
+    if grounded:
+        metrics["vqa/grounding_accuracy"] = hits / phrases if phrases else 0.0
+        chance["vqa/grounding_accuracy"] = 1 / model.config.detection.context_regions
+        counts["grounded_phrases"] = phrases
+    return metrics, chance, counts
+
+
+def _grounding_hits(model, rows, questions: list[str], grounding, size: int) -> tuple[int, int]:
+    """How many of the questions' phrases that name one object attend most to the context region that overlaps
+    that object (IoU >= 0.5), of how many have such a region: whether the grounding layer finds what the words
+    mean, apart from whether VQA then answers right."""
+    from data_recipes.shapes import phrase_groundings
+    from tasks.grounding import IGNORE, input_boxes, phrase_targets
+
+    colours = rows.features["objects"]["colour"].feature.names
+    shapes = rows.features["objects"]["category"].feature.names
+    labelled = []
+    for row, question in zip(rows, questions):
+        objects = row["objects"]
+        kinds = [(colours[c], shapes[k]) for c, k in zip(objects["colour"], objects["category"])]
+        boxes = input_boxes(row["image"], objects["bbox"], size)
+        labelled.append([(start, end, boxes[i]) for start, end, i in phrase_groundings(question, kinds)])
+    targets = phrase_targets(model.text_encoder.token_offsets(questions), labelled, grounding.boxes, grounding.valid)
+    found = targets != IGNORE
+    return int((grounding.logits.argmax(-1).cpu()[found] == targets[found]).sum()), int(found.sum())
 
 
 def _captioning(model, rows, beams, batch_size, progress, device) -> tuple[dict, dict, dict, list]:

@@ -192,3 +192,52 @@ def fixed_proposals(count):
     boxes = torch.tensor([[40.0, 20.0, 56.0, 36.0], [4.0, 20.0, 20.0, 36.0], [0.0, 0.0, 64.0, 64.0]])[:count]
     return Proposals(boxes[None], torch.tensor([[0.9, 0.8, 0.0]])[:, :count],
                      torch.tensor([[True, True, False]])[:, :count])
+
+
+def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, offline_cache):  # noqa: F811
+    """`vqa/grounding_accuracy`: a phrase counts as right when its last token attends most to the region on its
+    object. Regions placed on the objects, in the objects' order: attention on the named object's index is
+    always right, on the next object's never; an untrained grounded model gets the metric beside its chance."""
+    from data_recipes.shapes import ShapesConfig, build_shapes_dataset
+    from eval.shapes import _grounding_hits, evaluate_shapes
+    from tasks.grounding import input_boxes
+    from uniperceiver import UniPerceiver, tiny_config
+    from uniperceiver.grounding import QuestionGrounding
+
+    config = ShapesConfig(train_size=8, val_size=1, test_size=6)
+    rows = build_shapes_dataset(tmp_path / "shapes", config)["test"]
+    torch.manual_seed(0)
+    model = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
+                                     detection={**DETECTION, "context_regions": 4, "num_proposals": 8,
+                                                "ground_text": True})).eval()
+    picked, questions, named = [], [], []
+    for index, row in enumerate(rows):
+        kinds = [(config.colours[c], config.shapes[k]) for c, k in zip(row["objects"]["colour"],
+                                                                       row["objects"]["category"])]
+        for question in row["questions"]:
+            picked.append(index), questions.append(question)
+            named.append([i for _, _, i in phrase_groundings(question, kinds)])
+    boxes = torch.zeros(len(questions), 4, 4)
+    valid = torch.zeros(len(questions), 4, dtype=torch.bool)
+    for q, index in enumerate(picked):
+        objects = rows[index]["objects"]["bbox"]
+        boxes[q, :len(objects)] = torch.tensor(input_boxes(rows[index]["image"], objects, 64))
+        valid[q, :len(objects)] = True
+    count = valid.sum(1)
+    # every token attends to the object the question's one grounded phrase names (or the next object)
+    wanted = torch.tensor([names[0] if len(names) == 1 else 0 for names in named])
+    for shift, expected_right in ((0, True), (1, False)):
+        single = [q for q, names in enumerate(named) if len(names) == 1 and (count[q] > 1 or expected_right)]
+        subset, asked = torch.tensor(single), [questions[q] for q in single]
+        length = model.text_encoder.token_offsets(asked).shape[1]
+        target = (wanted[subset] + shift) % count[subset]
+        logits = torch.nn.functional.one_hot(target, 4).float()[:, None, :].expand(-1, length, -1) * 10
+        right, total = _grounding_hits(model, rows.select([picked[q] for q in single]), asked,
+                                       QuestionGrounding(logits, boxes[subset], valid[subset]), 64)
+        assert total == len(single) > 0
+        assert right == (total if expected_right else 0)
+
+    results = evaluate_shapes(model, dataset={"train": rows, "test": rows}, config=config, tasks=("vqa",),
+                              progress=False)
+    assert 0 <= results["metrics"]["vqa/grounding_accuracy"] <= 1
+    assert results["chance"]["vqa/grounding_accuracy"] == 0.25 and results["counts"]["grounded_phrases"] >= 0
