@@ -352,17 +352,18 @@ def answer_list(config: ShapesConfig | None = None) -> list[str]:
 def phrase_groundings(text: str, kinds: list[tuple[str, str]]) -> list[list[int]]:
     """The phrases of `text` that name exactly one of the picture's objects, as [start, end, object index]
     (character offsets): "the red star" when the picture has one red star, "the star" when it has one star,
-    "the red object" when it has one red object. A phrase that names none ("is there a blue square?" of a
-    picture without one) or several is left out. `kinds` lists the objects' (colour, shape) in box order.
-    What VQA's grounding loss supervises: which context region a question's phrase means."""
+    "the red object" when it has one red object; and those that name none, with index -1 ("is there a blue
+    square?" of a picture without one). A phrase that names several is left out. `kinds` lists the objects'
+    (colour, shape) in box order. What VQA's grounding loss supervises: which context region a question's phrase
+    means, or that it means none."""
     found = []
     for match in _PHRASE.finditer(text):
         colour, noun = match.group("colour"), match.group("noun")
         shape = None if noun == "object" else noun
         named = [i for i, (c, s) in enumerate(kinds)
                  if (colour is None or c == colour) and (shape is None or s == shape)]
-        if len(named) == 1 and (colour or shape):
-            found.append([match.start("phrase"), match.end("phrase"), named[0]])
+        if len(named) <= 1 and (colour or shape):
+            found.append([match.start("phrase"), match.end("phrase"), named[0] if named else -1])
     return found
 
 

@@ -14,8 +14,9 @@ What is measured (every task ranks candidates by cosine similarity, as the model
 - vqa: the [image, question] query ranked against the whole `answer_list(config)`; exact-match accuracy
   (shapes has one answer per question) overall and per question type, chance 1/len(answer list), and the
   blind baseline overall and per type (`blind_vqa_accuracies`: the train split's most frequent answer to the
-  same question). With a grounding layer (`detection.ground_text`), also how often a phrase that names one
-  object attends most to that object's context region (grounding_accuracy, chance 1 / context_regions).
+  same question). With a grounding layer (`detection.ground_text`), also how often a phrase attends most to
+  the context region of the one object it names, or to the "no object" slot when it names none
+  (grounding_accuracy, chance 1 / (context_regions + 1)).
 - captioning: greedy (or beam) captions against all of the image's captions, CIDEr-D and BLEU-4 by
   pycocoevalcap on Python-tokenised text (no Java). Their "chance" is the score of a real caption of another
   image (the references rolled by one): what a fluent captioner blind to the image gets.
@@ -180,15 +181,15 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
     counts = {"questions": len(items), "answers": len(answers)}
     if grounded:
         metrics["vqa/grounding_accuracy"] = hits / phrases if phrases else 0.0
-        chance["vqa/grounding_accuracy"] = 1 / model.config.detection.context_regions
+        chance["vqa/grounding_accuracy"] = 1 / (model.config.detection.context_regions + 1)
         counts["grounded_phrases"] = phrases
     return metrics, chance, counts
 
 
 def _grounding_hits(model, rows, questions: list[str], grounding, size: int) -> tuple[int, int]:
-    """How many of the questions' phrases that name one object attend most to the context region that overlaps
-    that object (IoU >= 0.5), of how many have such a region: whether the grounding layer finds what the words
-    mean, apart from whether VQA then answers right."""
+    """How many of the questions' phrases attend most to the context region that overlaps the one object they name
+    (IoU >= 0.5), or to the "no object" slot when they name none, of how many can: whether the grounding layer
+    finds what the words mean, apart from whether VQA then answers right."""
     from data_recipes.shapes import phrase_groundings
     from tasks.grounding import IGNORE, input_boxes, phrase_targets
 
@@ -199,7 +200,8 @@ def _grounding_hits(model, rows, questions: list[str], grounding, size: int) -> 
         objects = row["objects"]
         kinds = [(colours[c], shapes[k]) for c, k in zip(objects["colour"], objects["category"])]
         boxes = input_boxes(row["image"], objects["bbox"], size)
-        labelled.append([(start, end, boxes[i]) for start, end, i in phrase_groundings(question, kinds)])
+        labelled.append([(start, end, boxes[i] if i >= 0 else None)
+                         for start, end, i in phrase_groundings(question, kinds)])
     targets = phrase_targets(model.text_encoder.token_offsets(questions), labelled, grounding.boxes, grounding.valid)
     found = targets != IGNORE
     return int((grounding.logits.argmax(-1).cpu()[found] == targets[found]).sum()), int(found.sum())

@@ -1,8 +1,9 @@
 """Supervision for the phrase-grounding layer (`uniperceiver.grounding`): which context region each grounded
 phrase of a question means. A phrase comes from the data as [start, end, box] (characters of the question, and
-the box of the one object it names); its last token (which, in a causal language model, has read the whole
-phrase) is taught to attend to the context region that overlaps that box best, when the overlap reaches
-`min_iou`. Phrases whose object no context region found are left out."""
+the box of the one object it names, or None when it names none in the picture); its last token (which, in a
+causal language model, has read the whole phrase) is taught to attend to the context region that overlaps that
+box best, when the overlap reaches `min_iou`, or to the layer's "no object" slot. Phrases whose object no context
+region found are left out."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -41,9 +42,9 @@ def input_boxes(image: Any, boxes: Sequence[Sequence[float]], size: int) -> list
 
 def phrase_targets(offsets: Tensor, groundings: Sequence[Sequence[tuple[int, int, Sequence[float]]]],
                    region_boxes: Tensor, region_valid: Tensor, min_iou: float = 0.5) -> Tensor:
-    """(Q, L) the context region each question token should attend to, IGNORE elsewhere.
-    offsets (Q, L, 2): `TextEncoder.token_offsets`; groundings: per question, (start, end, xyxy box) phrases;
-    region_boxes (Q, K, 4), region_valid (Q, K): the questions' context regions."""
+    """(Q, L) the context region each question token should attend to (K: the "no object" slot), IGNORE
+    elsewhere. offsets (Q, L, 2): `TextEncoder.token_offsets`; groundings: per question, (start, end, xyxy box or
+    None) phrases; region_boxes (Q, K, 4), region_valid (Q, K): the questions' context regions."""
     if len(groundings) != offsets.shape[0]:
         raise ValueError(f"phrase_targets: {len(groundings)} questions' groundings for {offsets.shape[0]} questions")
     targets = torch.full(offsets.shape[:2], IGNORE, dtype=torch.long)
@@ -56,6 +57,9 @@ def phrase_targets(offsets: Tensor, groundings: Sequence[Sequence[tuple[int, int
             covering = ((starts < end) & (ends > start) & (ends > starts)).nonzero(as_tuple=True)[0]
             if covering.numel() == 0:
                 continue  # truncated away
+            if box is None:
+                targets[q, covering[-1]] = boxes.shape[1]
+                continue
             overlap = box_iou(boxes[q], torch.tensor([list(box)], dtype=torch.float))[:, 0]
             overlap = torch.nan_to_num(overlap, nan=0.0).masked_fill(~valid[q], 0.0)
             if overlap.max() >= min_iou:

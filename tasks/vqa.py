@@ -90,7 +90,8 @@ class VQATask(Task):
     beams, max_length: decoding of "generate".
     grounding_weight: with a model built with `detection.ground_text`, the weight of the loss that teaches each
         phrase naming one object (the samples' "qa_groundings": per question, [start, end, box index] into
-        "boxes") to attend to that object's context region (`tasks/grounding.py`); 0 leaves it out. Whole
+        "boxes", -1 for a phrase that names no object there) to attend to that object's context region, or to
+        the layer's "no object" slot (`tasks/grounding.py`); 0 leaves it out. Whole
         pictures must then carry "qa_groundings"; one-question samples have none and train the answers alone.
     answer_margin: keep every two answers of the list at cosine <= this (a hinge, in logit units): answers that
         embed alike ("left of" and "right of" reach 0.999) leave the query no gradient to learn them apart.
@@ -171,11 +172,12 @@ class VQATask(Task):
             raise ValueError(f"task {self.name!r}: sample {i} has {len(phrases)} 'qa_groundings' for {count} questions")
         out = []
         for question in phrases:
-            bad = [p for p in question if len(p) != 3 or not 0 <= int(p[2]) < len(boxes)]
+            bad = [p for p in question if len(p) != 3 or not -1 <= int(p[2]) < len(boxes)]
             if bad:
                 raise ValueError(f"task {self.name!r}: sample {i}: 'qa_groundings' entries {bad} are not [start, end, "
-                                 f"box index] into its {len(boxes)} boxes")
-            out.append([(int(start), int(end), boxes[int(box)]) for start, end, box in question])
+                                 f"box index] into its {len(boxes)} boxes (-1: names no object)")
+            out.append([(int(start), int(end), boxes[int(box)] if int(box) >= 0 else None)
+                        for start, end, box in question])
         return out
 
     def _answer_list(self, batch: dict[str, Any]) -> list[str]:

@@ -28,9 +28,9 @@ def test_phrases_that_name_exactly_one_object_are_grounded():
     assert spans("what colour is the square?") == [("square", 1)]
     assert spans("what shape is the blue object?") == [("blue object", 1)]
     assert spans("what shape is the red object?") == []       # two red objects
-    assert spans("is there a green star?") == []              # none
+    assert spans("is there a green star?") == [("green star", -1)]  # none: the "no object" slot
     assert spans("how many red shapes are there?") == []      # a count names no one object
-    assert spans("is there an orange diamond?") == []
+    assert spans("is there an orange diamond?") == [("orange diamond", -1)]
 
 
 def test_shapes_samples_carry_one_grounding_list_per_question(offline_cache):  # noqa: F811
@@ -44,6 +44,9 @@ def test_shapes_samples_carry_one_grounding_list_per_question(offline_cache):  #
         for question, phrases in zip(sample.extra["questions"], groundings):
             for start, end, index in phrases:
                 colour_or_shape = question[start:end].split()
+                if index == -1:
+                    assert question.startswith("is there")
+                    continue
                 named = sample.categories[index]
                 assert named in colour_or_shape or colour_or_shape[-1] == "object"
 
@@ -71,6 +74,9 @@ def test_phrase_targets_pick_the_last_token_and_the_best_overlapping_region():
     # no region overlaps the object by 0.5: nothing to learn
     far = phrase_targets(offsets, [[(7, 15, [50.0, 50.0, 60.0, 60.0])]], regions, valid)
     assert (far == IGNORE).all()
+    # a phrase that names no object in the picture: the "no object" slot, after the 3 regions
+    absent = phrase_targets(offsets, [[(7, 15, None)]], regions, valid)
+    assert absent[0, 4] == 3 and (absent[0, [0, 1, 2, 3, 5, 6, 7]] == IGNORE).all()
     logits = torch.zeros(1, 8, 3, requires_grad=True)
     loss = grounding_loss(logits, far)
     assert loss.item() == 0 and loss.requires_grad
@@ -85,15 +91,21 @@ def test_grounding_layer_starts_as_the_identity_and_ignores_padding_regions():
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 8.0, 16.0, 16.0], [0.0, 0.0, 16.0, 16.0]]).expand(2, 3, 4)
     valid = torch.tensor([[True, True, False], [False, False, False]])
     out, logits = layer(text, regions, boxes, valid, (16, 16))
-    assert torch.equal(out, text)  # the box projection starts at zero
-    assert logits.shape == (2, 5, 3)
+    assert torch.equal(out, text)  # the box projection and the "no object" vector start at zero
+    assert logits.shape == (2, 5, 4)  # three regions and the slot
     torch.nn.init.normal_(layer.box.weight)
+    torch.nn.init.normal_(layer.null_value)
+    torch.nn.init.normal_(layer.null_key)
     out, logits = layer(text, regions, boxes, valid, (16, 16))
     assert torch.isfinite(out).all()
     weights = logits.softmax(-1)
     assert weights[0, :, 2].max() == 0  # padding takes no attention
-    expected = text[0] + layer.box(weights[0] @ box_encoding(boxes[0], (16, 16), 2))
+    expected = (text[0] + layer.box(weights[0, :, :3] @ box_encoding(boxes[0], (16, 16), 2))
+                + weights[0, :, 3:] * layer.null_value)
     torch.testing.assert_close(out[0], expected)
+    # a picture without regions finds "no object" on every word
+    torch.testing.assert_close(weights[1, :, 3], torch.ones(5))
+    torch.testing.assert_close(out[1], text[1] + layer.box.bias + layer.null_value)
 
 
 def test_answer_separation_is_the_hinge_over_every_pair():
@@ -210,7 +222,7 @@ def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, off
     model = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
                                      detection={**DETECTION, "context_regions": 4, "num_proposals": 8,
                                                 "ground_text": True})).eval()
-    picked, questions, named = [], [], []
+    picked, questions, named = [], [], []  # named: each grounded phrase's object (-1: none there)
     for index, row in enumerate(rows):
         kinds = [(config.colours[c], config.shapes[k]) for c, k in zip(row["objects"]["colour"],
                                                                        row["objects"]["category"])]
@@ -224,14 +236,19 @@ def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, off
         boxes[q, :len(objects)] = torch.tensor(input_boxes(rows[index]["image"], objects, 64))
         valid[q, :len(objects)] = True
     count = valid.sum(1)
-    # every token attends to the object the question's one grounded phrase names (or the next object)
-    wanted = torch.tensor([names[0] if len(names) == 1 else 0 for names in named])
+    # every token attends to what the question's one grounded phrase names: its object, or the slot (index 4);
+    # shifted, to the next object, or to the first region instead of the slot
+    wanted = torch.tensor([(names[0] if names[0] >= 0 else 4) if len(names) == 1 else 0 for names in named])
+    assert (wanted == 4).any() and (wanted < 4).any()
     for shift, expected_right in ((0, True), (1, False)):
-        single = [q for q, names in enumerate(named) if len(names) == 1 and (count[q] > 1 or expected_right)]
+        single = [q for q, names in enumerate(named)
+                  if len(names) == 1 and (count[q] > 1 or names[0] == -1 or expected_right)]
         subset, asked = torch.tensor(single), [questions[q] for q in single]
         length = model.text_encoder.token_offsets(asked).shape[1]
-        target = (wanted[subset] + shift) % count[subset]
-        logits = torch.nn.functional.one_hot(target, 4).float()[:, None, :].expand(-1, length, -1) * 10
+        target = wanted[subset]
+        if shift:
+            target = torch.where(target == 4, 0, (target + 1) % count[subset])
+        logits = torch.nn.functional.one_hot(target, 5).float()[:, None, :].expand(-1, length, -1) * 10
         right, total = _grounding_hits(model, rows.select([picked[q] for q in single]), asked,
                                        QuestionGrounding(logits, boxes[subset], valid[subset]), 64)
         assert total == len(single) > 0
@@ -240,4 +257,4 @@ def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, off
     results = evaluate_shapes(model, dataset={"train": rows, "test": rows}, config=config, tasks=("vqa",),
                               progress=False)
     assert 0 <= results["metrics"]["vqa/grounding_accuracy"] <= 1
-    assert results["chance"]["vqa/grounding_accuracy"] == 0.25 and results["counts"]["grounded_phrases"] >= 0
+    assert results["chance"]["vqa/grounding_accuracy"] == 0.2 and results["counts"]["grounded_phrases"] >= 0

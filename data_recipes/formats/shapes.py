@@ -33,7 +33,7 @@ def _config_from_options(options: dict[str, str]):
 class ShapesSamples(ImageDataset):
     """One sample per image (`captions`, `label`, `boxes`, `categories`; the question-answer pairs in
     `extra["questions"]`, `extra["qa_answers"]`, and for each question the phrases that name one object,
-    [start, end, box index], in `extra["qa_groundings"]`), or with `task=vqa` one sample per question."""
+    [start, end, box index], -1 for none there, in `extra["qa_groundings"]`), or with `task=vqa` one sample per question."""
 
     format_name = "shapes"
     layout = "generated on first use into FOLDER (default: the project cache) as a Hugging Face dataset"
