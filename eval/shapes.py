@@ -16,7 +16,7 @@ What is measured (every task ranks candidates by cosine similarity, as the model
   blind baseline overall and per type (`blind_vqa_accuracies`: the train split's most frequent answer to the
   same question). With a grounding layer (`detection.ground_text`), also how often a phrase attends most to
   the context region of the one object it names, or to the "no object" slot when it names none
-  (grounding_accuracy, chance 1 / (context_regions + 1)).
+  (grounding_accuracy, and [object] and [no_object] apart; chance 1 / (context_regions + 1)).
 - captioning: greedy (or beam) captions against all of the image's captions, CIDEr-D and BLEU-4 by
   pycocoevalcap on Python-tokenised text (no Java). Their "chance" is the score of a real caption of another
   image (the references rolled by one): what a fluent captioner blind to the image gets.
@@ -149,7 +149,7 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
     answer_embeddings = _encode_texts(model, answers, batch_size, False).to(device)
     predictions = []
     grounded = getattr(model, "grounding", None) is not None  # a model built with detection.ground_text
-    hits = phrases = 0
+    hits = {"object": [0, 0], "no_object": [0, 0]}  # right, scored
     for s in _batches(len(items), batch_size, progress, "questions"):
         batch = items[s:s + batch_size]
         index = [row for row, *_ in batch]
@@ -158,8 +158,10 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
         questions = [q for _, q, _, _ in batch]
         if grounded:
             queries, grounding = model.vqa_query_and_grounding(images, questions)
-            right, count = _grounding_hits(model, picked, questions, grounding, images.shape[-1])
-            hits, phrases = hits + right, phrases + count
+            for kind, (right, count) in _grounding_hits(model, picked, questions, grounding,
+                                                        images.shape[-1]).items():
+                hits[kind][0] += right
+                hits[kind][1] += count
         else:
             queries = model.vqa_query(images, questions)
         queries = F.normalize(queries.float(), dim=-1)
@@ -179,17 +181,23 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
             metrics[f"vqa/blind_baseline[{qa_type}]"] = blind[qa_type]
     chance = dict.fromkeys(metrics, chance_value)
     counts = {"questions": len(items), "answers": len(answers)}
-    if grounded:
-        metrics["vqa/grounding_accuracy"] = hits / phrases if phrases else 0.0
-        chance["vqa/grounding_accuracy"] = 1 / (model.config.detection.context_regions + 1)
-        counts["grounded_phrases"] = phrases
+    if grounded:  # left out where no phrase could be scored
+        slots = 1 / (model.config.detection.context_regions + 1)
+        right, scored = sum(r for r, _ in hits.values()), sum(n for _, n in hits.values())
+        for key, (r, n) in [("vqa/grounding_accuracy", (right, scored))] + [
+                (f"vqa/grounding_accuracy[{kind}]", value) for kind, value in hits.items()]:
+            if n:
+                metrics[key], chance[key] = r / n, slots
+        counts["grounded_phrases"] = scored
+        counts["grounded_phrases_without_object"] = hits["no_object"][1]
     return metrics, chance, counts
 
 
-def _grounding_hits(model, rows, questions: list[str], grounding, size: int) -> tuple[int, int]:
-    """How many of the questions' phrases attend most to the context region that overlaps the one object they name
-    (IoU >= 0.5), or to the "no object" slot when they name none, of how many can: whether the grounding layer
-    finds what the words mean, apart from whether VQA then answers right."""
+def _grounding_hits(model, rows, questions: list[str], grounding, size: int) -> dict[str, tuple[int, int]]:
+    """{"object": (right, scored), "no_object": (right, scored)}: how many of the questions' phrases attend most
+    to the context region that overlaps the one object they name (IoU >= 0.5; those whose object no region found
+    are not scored), or to the "no object" slot when they name none: whether the grounding layer finds what the
+    words mean, apart from whether VQA then answers right."""
     from data_recipes.shapes import phrase_groundings
     from tasks.grounding import IGNORE, input_boxes, phrase_targets
 
@@ -203,8 +211,12 @@ def _grounding_hits(model, rows, questions: list[str], grounding, size: int) -> 
         labelled.append([(start, end, boxes[i] if i >= 0 else None)
                          for start, end, i in phrase_groundings(question, kinds)])
     targets = phrase_targets(model.text_encoder.token_offsets(questions), labelled, grounding.boxes, grounding.valid)
-    found = targets != IGNORE
-    return int((grounding.logits.argmax(-1).cpu()[found] == targets[found]).sum()), int(found.sum())
+    chosen = grounding.logits.argmax(-1).cpu()
+    slot = grounding.boxes.shape[1]
+    out = {}
+    for kind, picked in (("object", (targets != IGNORE) & (targets != slot)), ("no_object", targets == slot)):
+        out[kind] = (int((chosen[picked] == targets[picked]).sum()), int(picked.sum()))
+    return out
 
 
 def _captioning(model, rows, beams, batch_size, progress, device) -> tuple[dict, dict, dict, list]:

@@ -155,29 +155,37 @@ class VQATask(Task):
             image_index += [i] * len(asked)
             questions += list(asked)
             answers += [normalize_answer(answer) for answer in answered]
-            if self.grounding_weight:
-                groundings += self._groundings(sample, i, len(asked))
         if not questions:
             raise ValueError(f"task {self.name!r}: no picture of the batch has a question")
         batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
                  "questions": questions, "answers": answers, "image_index": image_index}
-        if self.grounding_weight:
-            batch["groundings"] = groundings
+        if self.grounding_weight:  # after stack_images, whose errors name a bad picture
+            batch["groundings"] = [phrases for i, sample in enumerate(samples)
+                                   for phrases in self._groundings(sample, i)]
         return batch
 
-    def _groundings(self, sample: dict[str, Any], i: int, count: int) -> list[list[tuple[int, int, list[float]]]]:
-        """A sample's "qa_groundings" with each box index replaced by its box in input pixels (xyxy)."""
-        phrases, boxes = sample["qa_groundings"], input_boxes(sample["image"], sample["boxes"], self.image_size)
-        if len(phrases) != count:
-            raise ValueError(f"task {self.name!r}: sample {i} has {len(phrases)} 'qa_groundings' for {count} questions")
+    def _groundings(self, sample: dict[str, Any], i: int) -> list[list[tuple[int, int, list[float] | None]]]:
+        """A sample's "qa_groundings" with each box index replaced by its box in input pixels (xyxy), or None."""
+        phrases, count = sample["qa_groundings"], len(sample["questions"])
+        if not isinstance(phrases, (list, tuple)) or len(phrases) != count:
+            raise ValueError(f"task {self.name!r}: sample {i} needs 'qa_groundings' as a list of one list of phrases "
+                             f"per question ({count}), got {phrases!r:.200}")
+        try:
+            boxes = input_boxes(sample["image"], sample["boxes"], self.image_size)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"task {self.name!r}: sample {i}: 'boxes' must be COCO [x, y, width, height] lists: "
+                             f"{error}") from error
         out = []
-        for question in phrases:
-            bad = [p for p in question if len(p) != 3 or not -1 <= int(p[2]) < len(boxes)]
+        for question, asked in zip(phrases, sample["questions"]):
+            def good(p):
+                return (isinstance(p, (list, tuple)) and len(p) == 3 and all(isinstance(v, int) for v in p)
+                        and 0 <= p[0] < p[1] <= len(asked) and -1 <= p[2] < len(boxes))
+            bad = [p for p in question if not good(p)] if isinstance(question, (list, tuple)) else [question]
             if bad:
                 raise ValueError(f"task {self.name!r}: sample {i}: 'qa_groundings' entries {bad} are not [start, end, "
-                                 f"box index] into its {len(boxes)} boxes (-1: names no object)")
-            out.append([(int(start), int(end), boxes[int(box)] if int(box) >= 0 else None)
-                        for start, end, box in question])
+                                 f"box index] with 0 <= start < end <= {len(asked)} (the question's characters) and "
+                                 f"an index into its {len(boxes)} boxes (-1: names no object)")
+            out.append([(start, end, boxes[box] if box >= 0 else None) for start, end, box in question])
         return out
 
     def _answer_list(self, batch: dict[str, Any]) -> list[str]:

@@ -77,7 +77,7 @@ def test_phrase_targets_pick_the_last_token_and_the_best_overlapping_region():
     # a phrase that names no object in the picture: the "no object" slot, after the 3 regions
     absent = phrase_targets(offsets, [[(7, 15, None)]], regions, valid)
     assert absent[0, 4] == 3 and (absent[0, [0, 1, 2, 3, 5, 6, 7]] == IGNORE).all()
-    logits = torch.zeros(1, 8, 3, requires_grad=True)
+    logits = torch.zeros(1, 8, 4, requires_grad=True)  # three regions and the slot
     loss = grounding_loss(logits, far)
     assert loss.item() == 0 and loss.requires_grad
     with pytest.raises(ValueError, match="2 questions' groundings for 1 questions"):
@@ -143,8 +143,14 @@ def test_vqa_with_grounding_needs_the_layer_and_trains_it(offline_cache):  # noq
     with pytest.raises(KeyError, match="qa_groundings"):
         task.format_batch([{k: v for k, v in samples[0].items() if k != "qa_groundings"}])
     bad = [{**samples[0], "qa_groundings": [[[13, 21, 5]], []]}]
-    with pytest.raises(ValueError, match=r"not \[start, end, box index\] into its 2 boxes"):
+    with pytest.raises(ValueError, match=r"not \[start, end, box index\] .* into its 2 boxes"):
         task.format_batch(bad)
+    with pytest.raises(ValueError, match=r"not \[start, end, box index\] with 0 <= start < end <= 50"):
+        task.format_batch([{**samples[0], "qa_groundings": [[[30, 10, 0]], []]}])
+    with pytest.raises(ValueError, match="one list of phrases per question"):
+        task.format_batch([{**samples[0], "qa_groundings": [[13, 21, 0]]}])
+    with pytest.raises(ValueError, match="'boxes' must be COCO"):
+        task.format_batch([{**samples[0], "boxes": [[4, 20, 16]]}])
 
     plain = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE}, detection=DETECTION))
     with pytest.raises(ValueError, match="ground_text"):
@@ -168,10 +174,26 @@ def test_vqa_with_grounding_needs_the_layer_and_trains_it(offline_cache):  # noq
     single = task.format_batch([{"image": picture, "question": "what colour is the star?", "answer": "red"}])
     assert "groundings" not in single and torch.isfinite(task.loss(model, single))
 
-    # under ZeRO-3 a step of a task that asks no questions still gives the layer a (zero) gradient
-    model.zero_grad()
-    (0.0 * model._idle_grounding_term(torch.zeros(()))).backward()
-    assert all(p.grad is not None and p.grad.abs().max() == 0 for p in model.grounding.parameters())
+    # under ZeRO-3 a step that ranks no answers (another task, or VQA by generation) still gives the layer a
+    # (zero) gradient; a ranking VQA step runs the layer itself
+    import uniperceiver.model as model_module
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(model_module, "zero3_partitioned", lambda parameters: True)
+    try:
+        calls = []
+        idle = model._idle_grounding_term
+        model._idle_grounding_term = lambda like: calls.append(1) or idle(like)
+        generate = get_task("vqa", mode="generate", image_size=64)
+        model.zero_grad()
+        model(generate, generate.format_batch([{"image": picture, "question": "what colour is the star?",
+                                               "answer": "red"}])).backward()
+        assert calls == [1]
+        assert all(p.grad is not None and p.grad.abs().max() == 0 for p in model.grounding.parameters())
+        model(task, batch)
+        assert calls == [1]
+    finally:
+        monkeypatch.undo()
+        del model._idle_grounding_term
 
     # a few steps on the grounding layer alone lower the grounding loss
     optimizer = torch.optim.Adam(model.grounding.parameters(), lr=3e-2)
@@ -249,12 +271,20 @@ def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, off
         if shift:
             target = torch.where(target == 4, 0, (target + 1) % count[subset])
         logits = torch.nn.functional.one_hot(target, 5).float()[:, None, :].expand(-1, length, -1) * 10
-        right, total = _grounding_hits(model, rows.select([picked[q] for q in single]), asked,
-                                       QuestionGrounding(logits, boxes[subset], valid[subset]), 64)
-        assert total == len(single) > 0
-        assert right == (total if expected_right else 0)
+        hits = _grounding_hits(model, rows.select([picked[q] for q in single]), asked,
+                               QuestionGrounding(logits, boxes[subset], valid[subset]), 64)
+        absent = sum(named[q][0] == -1 for q in single)
+        assert hits["no_object"][1] == absent > 0 and hits["object"][1] == len(single) - absent > 0
+        for right, total in hits.values():
+            assert right == (total if expected_right else 0)
 
     results = evaluate_shapes(model, dataset={"train": rows, "test": rows}, config=config, tasks=("vqa",),
                               progress=False)
-    assert 0 <= results["metrics"]["vqa/grounding_accuracy"] <= 1
-    assert results["chance"]["vqa/grounding_accuracy"] == 0.2 and results["counts"]["grounded_phrases"] >= 0
+    # every phrase that names no object is scored (the slot needs no proposal); the untrained proposer may find
+    # no object's region, whose phrases are then not scored
+    assert results["counts"]["grounded_phrases_without_object"] == sum(names.count(-1) for names in named) > 0
+    metrics, chance = results["metrics"], results["chance"]
+    assert 0 <= metrics["vqa/grounding_accuracy[no_object]"] <= 1 and chance["vqa/grounding_accuracy"] == 0.2
+    scored = results["counts"]["grounded_phrases"]
+    assert scored >= results["counts"]["grounded_phrases_without_object"]
+    assert ("vqa/grounding_accuracy[object]" in metrics) == (scored > sum(names.count(-1) for names in named))

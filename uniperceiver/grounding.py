@@ -61,6 +61,7 @@ class PhraseGrounding(nn.Module):
         # padding regions take no attention (the slot always can: no NaN when a picture has no region)
         logits = logits.float().masked_fill(~valid[:, None, :], torch.finfo(torch.float32).min / 2)
         weights = logits.softmax(-1).to(text.dtype)
-        encoded = box_encoding(boxes.to(text.dtype), image_size, self.box_frequencies)
+        # in float32: the high bands of the encoding are noise in bf16, and places are what this layer carries
+        encoded = box_encoding(boxes.float(), image_size, self.box_frequencies).to(text.dtype)
         found = self.box(weights[..., :-1] @ encoded) + weights[..., -1:] * self.null_value.to(text.dtype)
         return text + found, logits

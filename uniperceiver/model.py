@@ -360,7 +360,8 @@ class UniPerceiver(nn.Module):
         if family == "detection" and self.context_tokens is not None and zero3_partitioned(
                 self.context_tokens.parameters()):  # detection reads no context regions
             loss = loss + 0.0 * self._idle_context_term(loss)
-        if self.grounding is not None and family != "vqa" and zero3_partitioned(self.grounding.parameters()):
+        asks_questions = family == "vqa" and getattr(task, "mode", "rank") == "rank"  # generate answers by captioning
+        if self.grounding is not None and not asks_questions and zero3_partitioned(self.grounding.parameters()):
             loss = loss + 0.0 * self._idle_grounding_term(loss)
         # The branch and the image encoder idle on each other's steps; only ZeRO-3 needs them run (the engine's
         # touch_every_parameter gives idle parameters their zero gradient otherwise, for 10% less time a step).
@@ -404,7 +405,7 @@ class UniPerceiver(nn.Module):
         return term
 
     def _idle_grounding_term(self, like: Tensor) -> Tensor:
-        """The grounding layer on one zero token and region, for the steps of tasks that ask no questions."""
+        """The grounding layer on one zero token and region, for the steps that do not rank answers to questions."""
         width = self.config.decoder.width
         zero = like.new_zeros(1, 1, width)
         grounded, logits = self.grounding(zero, zero, like.new_tensor([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -460,8 +461,8 @@ class UniPerceiver(nn.Module):
                                 image_index: Tensor | Sequence[int] | None = None
                                 ) -> tuple[Tensor, QuestionGrounding | None]:
         """`vqa_query`, and with `detection.ground_text` each question token's grounding logits over its
-        picture's context regions (Q, L, K) with those regions' boxes (Q, K, 4), which a task can supervise
-        (the VQA task's `grounding_weight`); None without it."""
+        picture's K context regions and, last, the "no object" slot (Q, L, K + 1), with those regions' boxes
+        (Q, K, 4), which a task can supervise (the VQA task's `grounding_weight`); None without it."""
         image_tokens, image_kinds, regions = self.image_tokens_and_regions(self.prepare_images(images))
         if image_index is not None:
             image_index = torch.as_tensor(image_index, dtype=torch.long, device=image_tokens.device)
