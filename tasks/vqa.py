@@ -94,7 +94,8 @@ class VQATask(Task):
         the layer's "no object" slot (`tasks/grounding.py`); 0 leaves it out. Whole
         pictures must then carry "qa_groundings"; one-question samples have none and train the answers alone.
     answer_margin: keep every two answers of the list at cosine <= this (a hinge, in logit units): answers that
-        embed alike ("left of" and "right of" reach 0.999) leave the query no gradient to learn them apart.
+        embed alike ("left of" and "right of" reach 0.999) leave the query no gradient to learn them apart. A
+        training term: left out in eval mode, so that a validation loss measures the answers.
     """
 
     family = "vqa"
@@ -234,7 +235,7 @@ class VQATask(Task):
             phrase = phrase_targets(model.text_encoder.token_offsets(batch["questions"]), batch["groundings"],
                                     grounding.boxes, grounding.valid)
             loss = loss + self.grounding_weight * grounding_loss(grounding.logits, phrase)
-        if self.answer_margin is not None:
+        if self.answer_margin is not None and model.training:  # a training term, as weight decay is
             loss = loss + answer_separation(answers, self.answer_margin, model.readout.scale(self.family))
         return loss
 

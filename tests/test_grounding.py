@@ -174,6 +174,20 @@ def test_vqa_with_grounding_needs_the_layer_and_trains_it(offline_cache):  # noq
     single = task.format_batch([{"image": picture, "question": "what colour is the star?", "answer": "red"}])
     assert "groundings" not in single and torch.isfinite(task.loss(model, single))
 
+    # the answer margin is a training term: in eval mode (a validation loss) it is left out
+    without_margin = get_task("vqa", answer_list=answers, grounding_weight=1.0, image_size=64)
+
+    def loss_of(one_task):
+        torch.manual_seed(0)
+        return one_task.loss(model, batch).item()
+
+    with torch.no_grad():
+        model.eval()
+        assert loss_of(task) == pytest.approx(loss_of(without_margin), rel=1e-6)
+        model.train()
+        hinge = answer_separation(model.encode_text(answers), 0.5, model.readout.scale("vqa")).item()
+        assert hinge > 0 and loss_of(task) - loss_of(without_margin) == pytest.approx(hinge, rel=1e-4)
+
     # under ZeRO-3 a step that ranks no answers (another task, or VQA by generation) still gives the layer a
     # (zero) gradient; a ranking VQA step runs the layer itself
     import uniperceiver.model as model_module

@@ -309,10 +309,11 @@ def test_tiny_recipe_loads():
     assert sum(recipe.sampling_ratios().values()) == pytest.approx(1.0)
     assert recipe.optimizer.name == "adamw" and recipe.optimizer.warmup_steps > 0
     assert recipe.deepspeed.zero_stage == 0
-    # The tests' tiny model, with the recipe's wider backbone, finer patch tokens, deeper decoder and context regions.
+    # The tests' tiny model, with the recipe's wider backbone, finer patch tokens, deeper decoder, context regions
+    # and grounded questions.
     backbone = {"channels": 24, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0}
     detection = {"levels": [0, 1, 2, 3], "width": 64, "depth": 2, "roi_size": 7, "num_proposals": 8,
-                 "pre_nms_top_k": 100, "context_regions": 4, "context_names": True}
+                 "pre_nms_top_k": 100, "context_regions": 4, "context_names": True, "ground_text": True}
     assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1], "backbone_overrides": backbone},
                                                 decoder={"depth": 4}, detection=detection,
                                                 diffusion={"image_size": 32, "block_out_channels": [32, 64, 96],
@@ -352,7 +353,8 @@ def test_overrides():
     assert recipe.optimizer.eps == 1e-6 and recipe.deepspeed.bf16 is False
     assert recipe.model["decoder"]["depth"] == 3 and recipe.model["decoder"]["width"] == 64
     assert recipe.model["max_caption_length"] == 30
-    assert recipe.task("vqa").kwargs == {"mode": "rank", "label_smoothing": 0.2}
+    assert recipe.task("vqa").kwargs == {"mode": "rank", "grounding_weight": 1.0, "answer_margin": 0.5,
+                                         "label_smoothing": 0.2}
     assert recipe.output_dir == "/tmp/run"
 
 
