@@ -171,23 +171,24 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """input_ids and attention_mask (B, L), right-padded to the longest text, truncated to max_length."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("TextEncoder.tokenize: no texts")
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
-                               return_tensors="pt")
+        batch = self._tokenizer_call(texts, "tokenize")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def token_offsets(self, texts: str | Sequence[str]) -> torch.Tensor:
         """(B, L, 2) each token's [start, end) characters in its text, aligned with `tokenize` (special and
         padding tokens are (0, 0)): where a phrase's tokens are, for losses on words. Needs a fast tokenizer."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(f"TextEncoder.token_offsets: the tokenizer of {self.config.name_or_path!r} is not a "
                              "fast (Rust) tokenizer and gives no character offsets")
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
-                               return_tensors="pt", return_offsets_mapping=True)
-        return batch["offset_mapping"]
+        return self._tokenizer_call(texts, "token_offsets", return_offsets_mapping=True)["offset_mapping"]
+
+    def _tokenizer_call(self, texts: str | Sequence[str], caller: str, **extra):
+        """The one tokenizer call behind `tokenize` and `token_offsets`, so that their tokens stay aligned."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError(f"TextEncoder.{caller}: no texts")
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
+                              return_tensors="pt", **extra)
 
     def forward(self, texts: str | Sequence[str] | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts, or the output of `tokenize` -> (features (B, L, width), mask (B, L) bool)."""
