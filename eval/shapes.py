@@ -158,7 +158,7 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
         questions = [q for _, q, _, _ in batch]
         if grounded:
             queries, grounding = model.vqa_query_and_grounding(images, questions)
-            for kind, (right, count) in _grounding_hits(model, picked, questions, grounding,
+            for kind, (right, count) in _grounding_hits(picked, questions, grounding,
                                                         images.shape[-1]).items():
                 hits[kind][0] += right
                 hits[kind][1] += count
@@ -193,7 +193,7 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
     return metrics, chance, counts
 
 
-def _grounding_hits(model, rows, questions: list[str], grounding, size: int) -> dict[str, tuple[int, int]]:
+def _grounding_hits(rows, questions: list[str], grounding, size: int) -> dict[str, tuple[int, int]]:
     """{"object": (right, scored), "no_object": (right, scored)}: how many of the questions' phrases attend most
     to the context region that overlaps the one object they name (IoU >= 0.5; those whose object no region found
     are not scored), or to the "no object" slot when they name none: whether the grounding layer finds what the
@@ -210,7 +210,7 @@ def _grounding_hits(model, rows, questions: list[str], grounding, size: int) -> 
         boxes = input_boxes(row["image"], objects["bbox"], size)
         labelled.append([(start, end, boxes[i] if i >= 0 else None)
                          for start, end, i in phrase_groundings(question, kinds)])
-    targets = phrase_targets(model.text_encoder.token_offsets(questions), labelled, grounding.boxes, grounding.valid)
+    targets = phrase_targets(grounding.offsets, labelled, grounding.boxes, grounding.valid)
     chosen = grounding.logits.argmax(-1).cpu()
     slot = grounding.boxes.shape[1]
     out = {}

@@ -40,35 +40,55 @@ def input_boxes(image: Any, boxes: Sequence[Sequence[float]], size: int) -> list
     return out
 
 
-def phrase_targets(offsets: Tensor, groundings: Sequence[Sequence[tuple[int, int, Sequence[float]]]],
+def phrase_targets(offsets: Tensor, groundings: Sequence[Sequence[tuple[int, int, Sequence[float] | None]]],
                    region_boxes: Tensor, region_valid: Tensor, min_iou: float = 0.5) -> Tensor:
     """(Q, L) the context region each question token should attend to (K: the "no object" slot), IGNORE
-    elsewhere. offsets (Q, L, 2): `TextEncoder.token_offsets`; groundings: per question, (start, end, xyxy box or
-    None) phrases; region_boxes (Q, K, 4), region_valid (Q, K): the questions' context regions."""
+    elsewhere. offsets (Q, L, 2): the tokens' characters (`QuestionGrounding.offsets`); groundings: per question, (start, end, xyxy box or
+    None) phrases; region_boxes (Q, K, 4), region_valid (Q, K): the questions' context regions. All phrases of
+    the batch at once: a step of 16 pictures has about 150."""
     if len(groundings) != offsets.shape[0]:
         raise ValueError(f"phrase_targets: {len(groundings)} questions' groundings for {offsets.shape[0]} questions")
     targets = torch.full(offsets.shape[:2], IGNORE, dtype=torch.long)
-    boxes, valid = region_boxes.detach().float().cpu(), region_valid.cpu()
-    for q, phrases in enumerate(groundings):
-        if not phrases:
-            continue
-        starts, ends = offsets[q, :, 0], offsets[q, :, 1]
-        for start, end, box in phrases:
-            covering = ((starts < end) & (ends > start) & (ends > starts)).nonzero(as_tuple=True)[0]
-            if covering.numel() == 0:
-                continue  # truncated away
-            if box is None:
-                targets[q, covering[-1]] = boxes.shape[1]
-                continue
-            overlap = box_iou(boxes[q], torch.tensor([list(box)], dtype=torch.float))[:, 0]
-            overlap = torch.nan_to_num(overlap, nan=0.0).masked_fill(~valid[q], 0.0)
-            if overlap.max() >= min_iou:
-                targets[q, covering[-1]] = int(overlap.argmax())
+    phrases = [(q, start, end, box) for q, question in enumerate(groundings) for start, end, box in question]
+    if not phrases:
+        return targets
+    slot = region_boxes.shape[1]
+    question = torch.tensor([q for q, *_ in phrases])
+    spans = torch.tensor([[start, end] for _, start, end, _ in phrases])
+    starts, ends = offsets[question, :, 0], offsets[question, :, 1]  # (P, L)
+    covering = (starts < spans[:, 1:]) & (ends > spans[:, :1]) & (ends > starts)
+    # the phrase's last token: the highest position that covers it (a phrase truncated away has none)
+    last = (covering * torch.arange(1, covering.shape[1] + 1)).argmax(1)
+    found = covering.any(1)
+    named = torch.tensor([box is not None for *_, box in phrases])
+    boxes = torch.tensor([list(box) if box is not None else [0.0] * 4 for *_, box in phrases], dtype=torch.float)
+    regions = region_boxes.detach().float().cpu()[question]  # (P, K, 4)
+    overlap = box_iou(regions.flatten(0, 1), boxes).view(len(phrases), slot, len(phrases))
+    overlap = overlap.diagonal(dim1=0, dim2=2).T  # (P, K): each phrase against its own question's regions
+    overlap = torch.nan_to_num(overlap, nan=0.0).masked_fill(~region_valid.cpu()[question], 0.0)
+    best, region = overlap.max(1)
+    target = torch.where(named, region, torch.full_like(region, slot))
+    keep = found & (~named | (best >= min_iou))
+    targets[question[keep], last[keep]] = target[keep]
+    return targets
+
+
+def pair_targets(region_targets: Tensor, regions: int) -> Tensor:
+    """(Q, L) which earlier token each phrase token should pair with (`uniperceiver.grounding.PhraseRelations`),
+    from `phrase_targets` over `regions` context regions: a question's first phrase that names a found object
+    pairs with nothing (index L, the "none" slot), each later one with the phrase before it; IGNORE elsewhere."""
+    targets = torch.full_like(region_targets, IGNORE)
+    length = region_targets.shape[1]
+    for q, positions in enumerate((region_targets >= 0) & (region_targets < regions)):
+        tokens = positions.nonzero(as_tuple=True)[0].tolist()
+        for previous, token in zip([length] + tokens, tokens):
+            targets[q, token] = previous
     return targets
 
 
 def grounding_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy of the grounded tokens' attention over the regions; 0 (with a graph) when none is grounded."""
+    """Cross-entropy of the grounded tokens' attention over the regions (or of their pairing over the earlier
+    tokens); 0 (with a graph) when none is grounded."""
     targets = targets.to(logits.device)
     if not bool((targets != IGNORE).any()):
         return logits.sum() * 0.0

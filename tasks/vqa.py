@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .base import Task, register_task, require_fields, stack_images
 from .captioning import caption_loss
-from .grounding import grounding_loss, input_boxes, phrase_targets
+from .grounding import grounding_loss, input_boxes, pair_targets, phrase_targets
 
 VQAV2_NUM_ANSWERS = 3129
 MODES = ("rank", "generate")
@@ -91,7 +91,8 @@ class VQATask(Task):
     grounding_weight: with a model built with `detection.ground_text`, the weight of the loss that teaches each
         phrase naming one object (the samples' "qa_groundings": per question, [start, end, box index] into
         "boxes", -1 for a phrase that names no object there) to attend to that object's context region, or to
-        the layer's "no object" slot (`tasks/grounding.py`); 0 leaves it out. Whole
+        the layer's "no object" slot (`tasks/grounding.py`), and, with `detection.ground_relations`, each later
+        phrase of a question to pair with the one before it; 0 leaves it out. Whole
         pictures must then carry "qa_groundings"; one-question samples have none and train the answers alone.
     answer_margin: keep every two answers of the list at cosine <= this (a hinge, in logit units): answers that
         embed alike ("left of" and "right of" reach 0.999) leave the query no gradient to learn them apart. A
@@ -232,9 +233,11 @@ class VQATask(Task):
         # Only whole pictures carry their phrases' objects ("qa_groundings"); a batch of one question per sample
         # (the validation split's) trains and scores the answers alone.
         if self.grounding_weight and "groundings" in batch:
-            phrase = phrase_targets(model.text_encoder.token_offsets(batch["questions"]), batch["groundings"],
-                                    grounding.boxes, grounding.valid)
+            phrase = phrase_targets(grounding.offsets, batch["groundings"], grounding.boxes, grounding.valid)
             loss = loss + self.grounding_weight * grounding_loss(grounding.logits, phrase)
+            if grounding.pairs is not None:
+                pairs = pair_targets(phrase, grounding.boxes.shape[1])
+                loss = loss + self.grounding_weight * grounding_loss(grounding.pairs, pairs)
         if self.answer_margin is not None and model.training:  # a training term, as weight decay is
             loss = loss + answer_separation(answers, self.answer_margin, model.readout.scale(self.family))
         return loss

@@ -8,9 +8,9 @@ from PIL import Image
 from tiny_model import TINY_BACKBONE, offline_cache  # noqa: F401  (a fixture)
 from data_recipes.shapes import phrase_groundings
 from tasks import get_task
-from tasks.grounding import IGNORE, grounding_loss, input_boxes, phrase_targets
+from tasks.grounding import IGNORE, grounding_loss, input_boxes, pair_targets, phrase_targets
 from tasks.vqa import answer_separation
-from uniperceiver.grounding import PhraseGrounding
+from uniperceiver.grounding import PhraseGrounding, PhraseRelations
 from uniperceiver.region_proposals import RegionConfig, box_encoding
 
 DETECTION = {"levels": [1, 2, 3], "width": 32, "depth": 1, "num_proposals": 8, "pre_nms_top_k": 100,
@@ -90,13 +90,13 @@ def test_grounding_layer_starts_as_the_identity_and_ignores_padding_regions():
     text, regions = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 8.0, 16.0, 16.0], [0.0, 0.0, 16.0, 16.0]]).expand(2, 3, 4)
     valid = torch.tensor([[True, True, False], [False, False, False]])
-    out, logits = layer(text, regions, boxes, valid, (16, 16))
+    out, logits, _ = layer(text, regions, boxes, valid, (16, 16))
     assert torch.equal(out, text)  # the box projection and the "no object" vector start at zero
     assert logits.shape == (2, 5, 4)  # three regions and the slot
     torch.nn.init.normal_(layer.box.weight)
     torch.nn.init.normal_(layer.null_value)
     torch.nn.init.normal_(layer.null_key)
-    out, logits = layer(text, regions, boxes, valid, (16, 16))
+    out, logits, _ = layer(text, regions, boxes, valid, (16, 16))
     assert torch.isfinite(out).all()
     weights = logits.softmax(-1)
     assert weights[0, :, 2].max() == 0  # padding takes no attention
@@ -106,6 +106,27 @@ def test_grounding_layer_starts_as_the_identity_and_ignores_padding_regions():
     # a picture without regions finds "no object" on every word
     torch.testing.assert_close(weights[1, :, 3], torch.ones(5))
     torch.testing.assert_close(out[1], text[1] + layer.box.bias + layer.null_value)
+
+
+def test_grounding_with_content_adds_the_attended_regions_tokens():
+    torch.manual_seed(0)
+    layer = PhraseGrounding(16, box_frequencies=2, content=True)
+    text, regions = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 8.0, 16.0, 16.0], [0.0, 0.0, 16.0, 16.0]]).expand(2, 3, 4)
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    out, _, _ = layer(text, regions, boxes, valid, (16, 16))
+    assert torch.equal(out, text)  # the content projection starts at zero too
+    for parameter in (layer.box.weight, layer.null_value, layer.null_key, layer.content.weight, layer.content.bias):
+        torch.nn.init.normal_(parameter)
+    out, logits, _ = layer(text, regions, boxes, valid, (16, 16))
+    weights = logits.softmax(-1)
+    expected = (text[0] + layer.box(weights[0, :, :3] @ box_encoding(boxes[0], (16, 16), 2))
+                + weights[0, :, 3:] * layer.null_value + layer.content(weights[0, :, :3] @ regions[0]))
+    torch.testing.assert_close(out[0], expected)
+    # padding regions' tokens never reach the text: a picture without regions gets the projections' biases alone
+    torch.testing.assert_close(out[1], text[1] + layer.box.bias + layer.null_value + layer.content.bias)
+    with pytest.raises(ValueError, match="ground_content needs ground_text"):
+        RegionConfig(context_regions=4, ground_content=True)
 
 
 def test_answer_separation_is_the_hinge_over_every_pair():
@@ -211,11 +232,15 @@ def test_vqa_with_grounding_needs_the_layer_and_trains_it(offline_cache):  # noq
 
     # a few steps on the grounding layer alone lower the grounding loss
     optimizer = torch.optim.Adam(model.grounding.parameters(), lr=3e-2)
-    offsets = model.text_encoder.token_offsets(batch["questions"])
+    # the offsets the model returns are those of the tokens it encoded, as the text encoder gives them alone
+    _, found = model.vqa_query_and_grounding(batch["images"], batch["questions"], batch["image_index"])
+    assert torch.equal(found.offsets, model.text_encoder.token_offsets(batch["questions"]))
+    assert found.offsets.shape[:2] == found.logits.shape[:2]
 
     def grounding_only():
         _, found = model.vqa_query_and_grounding(batch["images"], batch["questions"], batch["image_index"])
-        return grounding_loss(found.logits, phrase_targets(offsets, batch["groundings"], found.boxes, found.valid))
+        return grounding_loss(found.logits, phrase_targets(found.offsets, batch["groundings"], found.boxes,
+                                                           found.valid))
 
     first = grounding_only().item()
     for _ in range(15):
@@ -280,13 +305,14 @@ def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, off
         single = [q for q, names in enumerate(named)
                   if len(names) == 1 and (count[q] > 1 or names[0] == -1 or expected_right)]
         subset, asked = torch.tensor(single), [questions[q] for q in single]
-        length = model.text_encoder.token_offsets(asked).shape[1]
+        offsets = model.text_encoder.token_offsets(asked)
+        length = offsets.shape[1]
         target = wanted[subset]
         if shift:
             target = torch.where(target == 4, 0, (target + 1) % count[subset])
         logits = torch.nn.functional.one_hot(target, 5).float()[:, None, :].expand(-1, length, -1) * 10
-        hits = _grounding_hits(model, rows.select([picked[q] for q in single]), asked,
-                               QuestionGrounding(logits, boxes[subset], valid[subset]), 64)
+        hits = _grounding_hits(rows.select([picked[q] for q in single]), asked,
+                               QuestionGrounding(logits, boxes[subset], valid[subset], offsets), 64)
         absent = sum(named[q][0] == -1 for q in single)
         assert hits["no_object"][1] == absent > 0 and hits["object"][1] == len(single) - absent > 0
         for right, total in hits.values():
@@ -302,3 +328,71 @@ def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, off
     scored = results["counts"]["grounded_phrases"]
     assert scored >= results["counts"]["grounded_phrases_without_object"]
     assert ("vqa/grounding_accuracy[object]" in metrics) == (scored > sum(names.count(-1) for names in named))
+
+
+def test_relations_take_in_the_offset_to_the_paired_earlier_token():
+    torch.manual_seed(0)
+    layer = PhraseRelations(8)
+    text, valid = torch.randn(2, 4, 8), torch.tensor([[True, True, True, False], [True, True, True, True]])
+    attention = torch.rand(2, 4, 3) / 3  # each token's attention over 3 regions (the rest is the slot's)
+    places = torch.rand(2, 3, 4) * 0.5 + 0.1
+    out, logits = layer(text, valid, attention, places)
+    assert torch.equal(out, torch.zeros_like(out))  # the output layer starts at zero
+    weights = logits.softmax(-1)
+    assert weights.shape == (2, 4, 5)
+    later = torch.ones(4, 4, dtype=torch.bool).triu()  # itself and the later tokens
+    assert weights[:, :, :4][later.expand(2, 4, 4)].max() == 0 and weights[0, :, 3].max() == 0  # nor padding
+    torch.nn.init.normal_(layer.out.weight)
+    out, logits = layer(text, valid, attention, places)
+    weights = logits.softmax(-1)
+    expected = torch.zeros(2, 4, 5)
+    for q in range(2):
+        mass = attention[q].sum(-1)
+        place = attention[q] @ places[q] / mass[:, None]
+        for i in range(4):
+            for j in range(4):
+                pair = torch.cat([4 * (place[i, :2] - place[j, :2]), place[i, 2:].log() - place[j, 2:].log(),
+                                  torch.ones(1)]) * (mass[i] * mass[j])
+                expected[q, i] += weights[q, i, j] * pair
+    torch.testing.assert_close(out, layer.out(torch.nn.functional.gelu(layer.hidden(expected))))
+
+
+def test_pair_targets_pair_each_phrase_with_the_one_before():
+    # regions 0..2, slot 3: tokens 2 and 5 name found objects, token 4 names none, token 6 an unfound one
+    region_targets = torch.full((2, 8), IGNORE)
+    region_targets[0, 2], region_targets[0, 4], region_targets[0, 5] = 1, 3, 0
+    region_targets[1, 6] = 2
+    expected = torch.full((2, 8), IGNORE)
+    expected[0, 2], expected[0, 5], expected[1, 6] = 8, 2, 8  # 8: the "none" slot after the 8 tokens
+    assert torch.equal(pair_targets(region_targets, 3), expected)
+
+
+def test_vqa_with_relations_trains_the_pairing(offline_cache):  # noqa: F811
+    from uniperceiver import UniPerceiver, tiny_config
+
+    torch.manual_seed(0)
+    task = get_task("vqa", answer_list=["red", "left of", "right of"], grounding_weight=1.0, image_size=64)
+    picture = Image.new("RGB", (64, 64), (255, 255, 255))
+    batch = task.format_batch([{"image": picture, "questions": ["where is the red star relative to the blue square?",
+                                                                "what colour is the star?"],
+                                "qa_answers": ["left of", "red"], "boxes": [[4, 20, 16, 16], [40, 20, 16, 16]],
+                                "qa_groundings": [[[13, 21, 0], [38, 49, 1]], [[19, 23, 0]]]}])
+    with pytest.raises(ValueError, match="ground_relations needs ground_text"):
+        RegionConfig(context_regions=4, ground_relations=True)
+    model = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
+                                     detection={**DETECTION, "ground_text": True, "ground_relations": True}))
+    model.propose_regions = lambda maps, size, count=None: fixed_proposals(count or 3)
+    model.eval()
+    with torch.no_grad():  # the relations start at zero too: the same query as without any grounding
+        query, grounding = model.vqa_query_and_grounding(batch["images"], batch["questions"], batch["image_index"])
+        torch.testing.assert_close(query, plain_query(model, batch))
+    length = grounding.offsets.shape[1]
+    assert grounding.pairs.shape == (2, length, length + 1)
+    phrase = phrase_targets(grounding.offsets, batch["groundings"], grounding.boxes, grounding.valid)
+    pairs = pair_targets(phrase, grounding.boxes.shape[1])
+    star, square = (phrase[0] != IGNORE).nonzero(as_tuple=True)[0].tolist()
+    assert pairs[0, star] == length and pairs[0, square] == star  # the square pairs with the star
+    model.train()
+    model(task, batch).backward()
+    relations = model.grounding.relations
+    assert relations.query.weight.grad.abs().max() > 0 and relations.out.weight.grad.abs().max() > 0

@@ -22,6 +22,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .region_proposals import box_encoding
@@ -30,19 +31,31 @@ from .region_proposals import box_encoding
 class QuestionGrounding(NamedTuple):
     """What `UniPerceiver.vqa_query_and_grounding` returns beside the queries: logits (Q, L, K + 1) of each
     question token over its picture's K context regions and, last, the "no object" slot; the regions' boxes
-    (Q, K, 4) xyxy and valid (Q, K)."""
+    (Q, K, 4) xyxy and valid (Q, K); and the question tokens' character offsets (Q, L, 2), from the tokenizer
+    call the model encoded them with (what `tasks.grounding.phrase_targets` places phrases by); with
+    `detection.ground_relations`, the pairing logits (Q, L, L + 1) of each token over the earlier ones and a
+    "none" slot (`PhraseRelations`), else None."""
     logits: Tensor
     boxes: Tensor
     valid: Tensor
+    offsets: Tensor
+    pairs: Tensor | None = None
 
 
 class PhraseGrounding(nn.Module):
     """text (Q, L, width), regions (Q, K, width), boxes (Q, K, 4) xyxy in input pixels, region_valid (Q, K)
-    -> the text with each token's attended box encoding (and "no object" vector) added, and the attention
-    logits (Q, L, K + 1), the slot last."""
+    -> the text with each token's attended box encoding (and "no object" vector) added, the attention logits
+    (Q, L, K + 1), the slot last, and with `relations` the pairing logits of `PhraseRelations` (else None)."""
 
-    def __init__(self, width: int, box_frequencies: int, dim: int = 32):
+    def __init__(self, width: int, box_frequencies: int, dim: int = 32, content: bool = False,
+                 relations: bool = False):
         super().__init__()
+        # content: the attended regions' tokens are added too (through a projection that starts at zero)
+        self.content = nn.Linear(width, width) if content else None
+        if self.content is not None:
+            nn.init.zeros_(self.content.weight)
+            nn.init.zeros_(self.content.bias)
+        self.relations = PhraseRelations(width, dim) if relations else None
         self.query = nn.Linear(width, dim)
         self.key = nn.Linear(width, dim)
         self.box = nn.Linear(8 * box_frequencies, width)
@@ -53,7 +66,8 @@ class PhraseGrounding(nn.Module):
         self.box_frequencies, self.dim = box_frequencies, dim
 
     def forward(self, text: Tensor, regions: Tensor, boxes: Tensor, region_valid: Tensor,
-                image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+                image_size: tuple[int, int], text_valid: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
         query = self.query(text)
         keys = torch.cat([self.key(regions), self.null_key.to(regions.dtype).expand(regions.shape[0], 1, -1)], 1)
         logits = query @ keys.transpose(1, 2) / math.sqrt(self.dim)
@@ -64,4 +78,69 @@ class PhraseGrounding(nn.Module):
         # in float32: the high bands of the encoding are noise in bf16, and places are what this layer carries
         encoded = box_encoding(boxes.float(), image_size, self.box_frequencies).to(text.dtype)
         found = self.box(weights[..., :-1] @ encoded) + weights[..., -1:] * self.null_value.to(text.dtype)
-        return text + found, logits
+        if self.content is not None:
+            found = found + self.content(weights[..., :-1] @ regions)
+        pair_logits = None
+        if self.relations is not None:
+            if text_valid is None:
+                text_valid = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            relative, pair_logits = self.relations(text, text_valid, logits.softmax(-1)[..., :-1],
+                                                   box_places(boxes.float(), image_size))
+            found = found + relative.to(text.dtype)
+        return text + found, logits, pair_logits
+
+
+def box_places(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """xyxy boxes (..., 4) in pixels -> (..., 4) centre x, centre y, width, height, each over the image's side."""
+    height, width = image_size
+    scale = boxes.new_tensor([width, height])
+    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2 / scale, (boxes[..., 2:] - boxes[..., :2]) / scale], -1)
+
+
+class PhraseRelations(nn.Module):
+    """Where a token's object lies relative to an earlier token's: each token attends over the earlier tokens of
+    its question (or a "none" slot, last), and takes in the offset between the places the two attend to in the
+    picture, through a small MLP whose output starts at zero.
+
+    Why: with places alone on the words, "is the red star left of the blue square?" needs the decoder to find
+    both words and compare two sine-cosine encodings, which the tiny model learned only with ten times the
+    relation questions of the main job (docs/shapes-world.md). The offset makes the comparison the sign of one
+    number on the second phrase's word. Which earlier token is the partner is learned: supervised, where the
+    data names two objects, by the earlier phrase's last token (`tasks.grounding.pair_targets`).
+
+    text (Q, L, width), text_valid (Q, L), attention (Q, L, K) of each token over the regions (the grounding's
+    weights, without the slot), places (Q, K, 4) of the regions (`box_places`) -> (Q, L, width) to add to the
+    text, and the pairing logits (Q, L, L + 1)."""
+
+    features = 5  # dx, dy, log width ratio, log height ratio, and how much both tokens attend to regions at all
+
+    def __init__(self, width: int, dim: int = 32):
+        super().__init__()
+        self.query = nn.Linear(width, dim)
+        self.key = nn.Linear(width, dim)
+        self.null_key = nn.Parameter(torch.zeros(dim))
+        self.hidden = nn.Linear(self.features, width)
+        self.out = nn.Linear(width, width)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.dim = dim
+
+    def forward(self, text: Tensor, text_valid: Tensor, attention: Tensor, places: Tensor) -> tuple[Tensor, Tensor]:
+        length = text.shape[1]
+        keys = torch.cat([self.key(text), self.null_key.to(text.dtype).expand(text.shape[0], 1, -1)], 1)
+        logits = (self.query(text) @ keys.transpose(1, 2)).float() / math.sqrt(self.dim)
+        earlier = torch.ones(length, length, dtype=torch.bool, device=text.device).tril(-1)
+        allowed = torch.cat([earlier[None] & text_valid[:, None, :],
+                             text_valid.new_ones(text.shape[0], length, 1)], -1)
+        logits = logits.masked_fill(~allowed, torch.finfo(torch.float32).min / 2)
+        pairing = logits.softmax(-1)[..., :-1]  # (Q, L, L); the slot's share pairs with nothing
+        attention = attention.float()
+        mass = attention.sum(-1, keepdim=True)  # (Q, L, 1)
+        place = (attention @ places) / mass.clamp_min(1e-6)  # each token's attended place, (Q, L, 4)
+        centre, size = place[..., :2], place[..., 2:].clamp_min(1e-3).log()
+        # token i against token j, weighted by how much both look at regions at all (Q, L, L, 5)
+        pair = torch.cat([4 * (centre[:, :, None] - centre[:, None]), size[:, :, None] - size[:, None],
+                          torch.ones_like(centre[:, :, None, :1].expand(-1, -1, length, -1))], -1)
+        pair = pair * (mass[:, :, None] * mass[:, None]).clamp(0, 1)
+        relative = (pairing[..., None] * pair).sum(2)
+        return self.out(F.gelu(self.hidden(relative.to(self.hidden.weight.dtype)))), logits

@@ -42,7 +42,12 @@ class RegionConfig:
     reads what detection has learned to name, as object tags in region-based vision-language models;
     ground_text: whether a question's tokens first attend over the context regions and take in their boxes
     (`uniperceiver.grounding`), which VQA can supervise with the phrases' objects: what questions on two
-    objects' places need."""
+    objects' places need.
+    ground_content: with ground_text, a token also takes in the attended regions' tokens (what is there: the RoI
+    features and detection's name of the box), so "what colour is the star?" carries the star's look on the
+    word "star" and the decoder reads it off the question instead of finding the star among the image tokens.
+    ground_relations: with ground_text, each token also takes in where its object lies relative to an earlier
+    token's (`uniperceiver.grounding.PhraseRelations`): "left of" becomes the sign of one offset."""
     levels: tuple[int, ...] = (0, 1, 2, 3)
     width: int = 64
     depth: int = 2
@@ -56,6 +61,8 @@ class RegionConfig:
     context_regions: int = 0
     context_names: bool = False
     ground_text: bool = False
+    ground_content: bool = False
+    ground_relations: bool = False
 
     def __post_init__(self):
         self.levels = tuple(int(level) for level in self.levels)
@@ -72,6 +79,9 @@ class RegionConfig:
             raise ValueError("RegionConfig.context_names needs context_regions >= 1: only context regions carry names")
         if self.ground_text and not self.context_regions:
             raise ValueError("RegionConfig.ground_text needs context_regions >= 1: the text is grounded in them")
+        for name in ("ground_content", "ground_relations"):
+            if getattr(self, name) and not self.ground_text:
+                raise ValueError(f"RegionConfig.{name} needs ground_text: true (it adds to what grounding takes in)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

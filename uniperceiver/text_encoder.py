@@ -169,18 +169,25 @@ class TextEncoder(nn.Module):
     def _base_model(self) -> nn.Module:
         return self.model.get_base_model() if self.config.mode == "lora" else self.model
 
-    def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """input_ids and attention_mask (B, L), right-padded to the longest text, truncated to max_length."""
-        batch = self._tokenizer_call(texts, "tokenize")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    def tokenize(self, texts: str | Sequence[str], offsets: bool = False) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask (B, L), right-padded to the longest text, truncated to max_length; with
+        `offsets`, also offset_mapping (B, L, 2), as `token_offsets` gives it, from the same tokenizer call."""
+        if offsets:
+            self._require_fast("tokenize(offsets=True)")
+        batch = self._tokenizer_call(texts, "tokenize", return_offsets_mapping=offsets)
+        keys = ("input_ids", "attention_mask") + (("offset_mapping",) if offsets else ())
+        return {key: batch[key] for key in keys}
 
     def token_offsets(self, texts: str | Sequence[str]) -> torch.Tensor:
         """(B, L, 2) each token's [start, end) characters in its text, aligned with `tokenize` (special and
         padding tokens are (0, 0)): where a phrase's tokens are, for losses on words. Needs a fast tokenizer."""
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError(f"TextEncoder.token_offsets: the tokenizer of {self.config.name_or_path!r} is not a "
-                             "fast (Rust) tokenizer and gives no character offsets")
+        self._require_fast("token_offsets")
         return self._tokenizer_call(texts, "token_offsets", return_offsets_mapping=True)["offset_mapping"]
+
+    def _require_fast(self, caller: str) -> None:
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"TextEncoder.{caller}: the tokenizer of {self.config.name_or_path!r} is not a "
+                             "fast (Rust) tokenizer and gives no character offsets")
 
     def _tokenizer_call(self, texts: str | Sequence[str], caller: str, **extra):
         """The one tokenizer call behind `tokenize` and `token_offsets`, so that their tokens stay aligned."""
