@@ -43,9 +43,9 @@ def input_boxes(image: Any, boxes: Sequence[Sequence[float]], size: int) -> list
 def phrase_targets(offsets: Tensor, groundings: Sequence[Sequence[tuple[int, int, Sequence[float] | None]]],
                    region_boxes: Tensor, region_valid: Tensor, min_iou: float = 0.5) -> Tensor:
     """(Q, L) the context region each question token should attend to (K: the "no object" slot), IGNORE
-    elsewhere. offsets (Q, L, 2): the tokens' characters (`QuestionGrounding.offsets`); groundings: per question, (start, end, xyxy box or
-    None) phrases; region_boxes (Q, K, 4), region_valid (Q, K): the questions' context regions. All phrases of
-    the batch at once: a step of 16 pictures has about 150."""
+    elsewhere. offsets (Q, L, 2): the tokens' characters (`QuestionGrounding.offsets`); groundings: per question,
+    (start, end, xyxy box or None) phrases; region_boxes (Q, K, 4), region_valid (Q, K): the questions' context
+    regions. All phrases of the batch at once: a step of 16 pictures has about 150."""
     if len(groundings) != offsets.shape[0]:
         raise ValueError(f"phrase_targets: {len(groundings)} questions' groundings for {offsets.shape[0]} questions")
     targets = torch.full(offsets.shape[:2], IGNORE, dtype=torch.long)

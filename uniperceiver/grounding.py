@@ -8,13 +8,17 @@ questions stayed at chance in every probe of the tiny model; with it (and the VQ
 trained on relation questions learns them, though not within the few VQA steps of the tiny recipe's main job
 (docs/shapes-world.md).
 
+Two options add to what a word takes in: the attended regions' tokens (`content`: what the object looks like,
+so "what colour is the star?" reads the star's colour off the word "star"), and the offset of its object from the
+object an earlier word grounds in (`relations`, `PhraseRelations`: "left of" becomes the sign of one number).
+
 Beside the regions each token can attend to a learned "no object" slot, which adds a learned vector instead of a
 box: "is there a red star?" of a picture without one should find nothing, and say so on the word itself.
 
 The attention is supervised where the data says which object a phrase names, or that it names none (the shapes
 data does, as MDETR's token-region alignment used Flickr30k Entities); without such labels it trains only
-through the task's loss. The box projection and the slot's vector start at zero, so a trained model given this
-layer answers as before.
+through the task's loss. The box projection, the slot's vector and both options' outputs start at zero, so a
+trained model given this layer answers as before.
 """
 from __future__ import annotations
 
