@@ -91,5 +91,6 @@ def grounding_loss(logits: Tensor, targets: Tensor) -> Tensor:
     tokens); 0 (with a graph) when none is grounded."""
     targets = targets.to(logits.device)
     if not bool((targets != IGNORE).any()):
-        return logits.sum() * 0.0
+        # zeroed before the sum: masked logits (float32 min / 2) would add up to -inf, and -inf * 0 is NaN
+        return (logits * 0.0).sum()
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)

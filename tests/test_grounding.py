@@ -80,6 +80,9 @@ def test_phrase_targets_pick_the_last_token_and_the_best_overlapping_region():
     logits = torch.zeros(1, 8, 4, requires_grad=True)  # three regions and the slot
     loss = grounding_loss(logits, far)
     assert loss.item() == 0 and loss.requires_grad
+    # nothing to learn from logits that mask most of their entries (the relations' later tokens): still 0, not NaN
+    masked = torch.full((4, 8, 9), torch.finfo(torch.float32).min / 2, requires_grad=True)
+    assert grounding_loss(masked, torch.full((4, 8), IGNORE)).item() == 0
     with pytest.raises(ValueError, match="2 questions' groundings for 1 questions"):
         phrase_targets(offsets, [[], []], regions, valid)
 
