@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .region_proposals import box_encoding
+from .region_proposals import box_encoding, box_places
 
 
 class QuestionGrounding(NamedTuple):
@@ -78,7 +78,8 @@ class PhraseGrounding(nn.Module):
         valid = torch.cat([region_valid, region_valid.new_ones(region_valid.shape[0], 1)], 1)
         # padding regions take no attention (the slot always can: no NaN when a picture has no region)
         logits = logits.float().masked_fill(~valid[:, None, :], torch.finfo(torch.float32).min / 2)
-        weights = logits.softmax(-1).to(text.dtype)
+        probabilities = logits.softmax(-1)  # float32; the relations read it as it is
+        weights = probabilities.to(text.dtype)
         # in float32: the high bands of the encoding are noise in bf16, and places are what this layer carries
         encoded = box_encoding(boxes.float(), image_size, self.box_frequencies).to(text.dtype)
         found = self.box(weights[..., :-1] @ encoded) + weights[..., -1:] * self.null_value.to(text.dtype)
@@ -88,17 +89,10 @@ class PhraseGrounding(nn.Module):
         if self.relations is not None:
             if text_valid is None:
                 text_valid = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
-            relative, pair_logits = self.relations(text, text_valid, logits.softmax(-1)[..., :-1],
+            relative, pair_logits = self.relations(text, text_valid, probabilities[..., :-1],
                                                    box_places(boxes.float(), image_size))
             found = found + relative.to(text.dtype)
         return text + found, logits, pair_logits
-
-
-def box_places(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """xyxy boxes (..., 4) in pixels -> (..., 4) centre x, centre y, width, height, each over the image's side."""
-    height, width = image_size
-    scale = boxes.new_tensor([width, height])
-    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2 / scale, (boxes[..., 2:] - boxes[..., :2]) / scale], -1)
 
 
 class PhraseRelations(nn.Module):

@@ -251,14 +251,17 @@ class RegionProposalNetwork(nn.Module):
         return Proposals(out_boxes, out_scores, out_valid)
 
 
-def box_encoding(boxes: Tensor, image_size: tuple[int, int], frequencies: int) -> Tensor:
-    """xyxy boxes (..., 4) in pixels -> (..., 8 x frequencies) sines and cosines of (cx, cy, w, h), each
-    divided by the image's side, at frequencies 2^0 .. 2^(F-1) times pi."""
+def box_places(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """xyxy boxes (..., 4) in pixels -> (..., 4) centre x, centre y, width, height, each over the image's side."""
     height, width = image_size
     scale = boxes.new_tensor([width, height])
-    centre = (boxes[..., :2] + boxes[..., 2:]) / 2 / scale
-    size = (boxes[..., 2:] - boxes[..., :2]) / scale
-    coordinates = torch.cat([centre, size], dim=-1)[..., None]                    # (..., 4, 1)
+    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2 / scale, (boxes[..., 2:] - boxes[..., :2]) / scale], -1)
+
+
+def box_encoding(boxes: Tensor, image_size: tuple[int, int], frequencies: int) -> Tensor:
+    """xyxy boxes (..., 4) in pixels -> (..., 8 x frequencies) sines and cosines of (cx, cy, w, h), each
+    divided by the image's side (`box_places`), at frequencies 2^0 .. 2^(F-1) times pi."""
+    coordinates = box_places(boxes, image_size)[..., None]                         # (..., 4, 1)
     bands = math.pi * 2.0 ** torch.arange(frequencies, device=boxes.device, dtype=boxes.dtype)
     angles = coordinates * bands
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
