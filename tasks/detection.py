@@ -135,7 +135,7 @@ class DetectionTask(Task):
         picked = torch.cat(picked)
         named = mean_count_over_ranks(torch.tensor(float(len(picked)), device=picked.device)).clamp(min=1)
         total = F.cross_entropy(picked.float(), torch.cat(labels), label_smoothing=self.label_smoothing,
-                                reduction="sum") if len(picked) else logits.sum() * 0.0
+                                reduction="sum") if len(picked) else (logits * 0.0).sum()
         parts["classification"] = total / named  # per named region of the global batch, as for the positives
         return {name: value * self.loss_weights[name] for name, value in parts.items()}
 
