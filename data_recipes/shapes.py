@@ -367,6 +367,24 @@ def phrase_groundings(text: str, kinds: list[tuple[str, str]]) -> list[list[int]
     return found
 
 
+def count_groundings(text: str, kinds: list[tuple[str, str]]) -> list[list]:
+    """The counting phrases of `text` with every object they name, as [start, end, [object indices]] (character
+    offsets; the list may be empty): "red shapes" in "how many red shapes are there?", "stars" in "how many
+    stars are there?". `kinds` lists the objects' (colour, shape) in box order. What VQA's count loss supervises:
+    which context regions such a phrase matches (`tasks.grounding.count_targets`)."""
+    found = []
+    for match in _COUNTED.finditer(text):
+        colour, noun = match.group("colour"), match.group("noun")
+        shape = None if noun == "shapes" else _SINGULARS[noun]
+        named = [i for i, (c, s) in enumerate(kinds)
+                 if (colour is None or c == colour) and (shape is None or s == shape)]
+        found.append([match.start("phrase"), match.end("phrase"), named])
+    return found
+
+
+_SINGULARS = {plural: shape for shape, plural in PLURALS.items()}
+_COUNTED = re.compile(r"\bhow many (?P<phrase>(?:(?P<colour>%s) )?(?P<noun>shapes|%s))\b"
+                      % ("|".join(COLOURS), "|".join(PLURALS.values())))
 _PHRASE = re.compile(r"\b(?:the|a|an) (?P<phrase>(?:(?P<colour>%s) )?(?P<noun>%s|object))\b"
                      % ("|".join(COLOURS), "|".join(SHAPES)))
 

@@ -3,7 +3,11 @@ phrase of a question means. A phrase comes from the data as [start, end, box] (c
 the box of the one object it names, or None when it names none in the picture); its last token (which, in a
 causal language model, has read the whole phrase) is taught to attend to the context region that overlaps that
 box best, when the overlap reaches `min_iou`, or to the layer's "no object" slot. Phrases whose object no context
-region found are left out."""
+region found are left out.
+
+Counting phrases ("red shapes" in "how many red shapes are there?") come as [start, end, [boxes]], every object
+they name; their last token is taught to match, each on its own, the context regions that found those objects,
+and no other (`count_targets`, for `uniperceiver.grounding.PhraseCounts`)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -54,12 +58,7 @@ def phrase_targets(offsets: Tensor, groundings: Sequence[Sequence[tuple[int, int
         return targets
     slot = region_boxes.shape[1]
     question = torch.tensor([q for q, *_ in phrases])
-    spans = torch.tensor([[start, end] for _, start, end, _ in phrases])
-    starts, ends = offsets[question, :, 0], offsets[question, :, 1]  # (P, L)
-    covering = (starts < spans[:, 1:]) & (ends > spans[:, :1]) & (ends > starts)
-    # the phrase's last token: the highest position that covers it (a phrase truncated away has none)
-    last = (covering * torch.arange(1, covering.shape[1] + 1)).argmax(1)
-    found = covering.any(1)
+    last, found = _last_tokens(offsets, question, torch.tensor([[start, end] for _, start, end, _ in phrases]))
     named = torch.tensor([box is not None for *_, box in phrases])
     boxes = torch.tensor([list(box) if box is not None else [0.0] * 4 for *_, box in phrases], dtype=torch.float)
     regions = region_boxes.detach().float().cpu()[question]  # (P, K, 4)
@@ -71,6 +70,52 @@ def phrase_targets(offsets: Tensor, groundings: Sequence[Sequence[tuple[int, int
     keep = found & (~named | (best >= min_iou))
     targets[question[keep], last[keep]] = target[keep]
     return targets
+
+
+def _last_tokens(offsets: Tensor, question: Tensor, spans: Tensor) -> tuple[Tensor, Tensor]:
+    """Each phrase's last token (the highest position covering its characters) and whether it has one (a phrase
+    truncated away has none): offsets (Q, L, 2), question (P,), spans (P, 2) -> (P,), (P,)."""
+    starts, ends = offsets[question, :, 0], offsets[question, :, 1]  # (P, L)
+    covering = (starts < spans[:, 1:]) & (ends > spans[:, :1]) & (ends > starts)
+    return (covering * torch.arange(1, covering.shape[1] + 1)).argmax(1), covering.any(1)
+
+
+def count_targets(offsets: Tensor, counted: Sequence[Sequence[tuple[int, int, Sequence[Sequence[float]]]]],
+                  region_boxes: Tensor, region_valid: Tensor, min_iou: float = 0.5) -> Tensor:
+    """(Q, L, K) whether each counting phrase's last token should match each context region: 1 for a region that
+    overlaps one of the phrase's objects best (IoU >= `min_iou`; each object claims one region), 0 for every other
+    valid region, -1 (ignored) for padding regions and every other token. counted: per question, (start, end,
+    [xyxy boxes of the objects it names]) phrases; offsets, region_boxes, region_valid as `phrase_targets`."""
+    if len(counted) != offsets.shape[0]:
+        raise ValueError(f"count_targets: {len(counted)} questions' counting phrases for {offsets.shape[0]} questions")
+    slots = region_boxes.shape[1]
+    targets = torch.full((*offsets.shape[:2], slots), -1.0)
+    phrases = [(q, start, end, boxes) for q, question in enumerate(counted) for start, end, boxes in question]
+    if not phrases:
+        return targets
+    question = torch.tensor([q for q, *_ in phrases])
+    last, found = _last_tokens(offsets, question, torch.tensor([[start, end] for _, start, end, _ in phrases]))
+    regions, valid = region_boxes.detach().float().cpu(), region_valid.cpu()
+    for p, (q, _, _, boxes) in enumerate(phrases):
+        if not found[p]:
+            continue
+        row = torch.where(valid[q], 0.0, -1.0)  # padding regions ignored, every valid one 0 until claimed
+        if len(boxes):
+            overlap = torch.nan_to_num(box_iou(torch.tensor(boxes, dtype=torch.float).view(-1, 4), regions[q]))
+            best, region = overlap.masked_fill(~valid[q], 0.0).max(1)
+            row[region[best >= min_iou]] = 1.0
+        targets[q, last[p]] = row
+    return targets
+
+
+def count_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of the counting phrases' matches with the context regions (`count_targets`); 0 (with
+    a graph) when no phrase is counted."""
+    targets = targets.to(logits.device)
+    scored = targets >= 0
+    if not bool(scored.any()):
+        return (logits * 0.0).sum()  # zeroed first: padding logits (float32 min / 2) would sum to -inf
+    return F.binary_cross_entropy_with_logits(logits.float()[scored], targets[scored])
 
 
 def pair_targets(region_targets: Tensor, regions: int) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .base import Task, register_task, require_fields, stack_images
 from .captioning import caption_loss
-from .grounding import grounding_loss, input_boxes, pair_targets, phrase_targets
+from .grounding import count_loss, count_targets, grounding_loss, input_boxes, pair_targets, phrase_targets
 
 VQAV2_NUM_ANSWERS = 3129
 MODES = ("rank", "generate")
@@ -94,6 +94,10 @@ class VQATask(Task):
         the layer's "no object" slot (`tasks/grounding.py`), and, with `detection.ground_relations`, each later
         phrase of a question to pair with the one before it; 0 leaves it out. Whole
         pictures must then carry "qa_groundings"; one-question samples have none and train the answers alone.
+    count_weight: with a model built with `detection.ground_counts`, the weight of the loss that teaches each
+        counting phrase (the samples' "qa_count_groundings": per question, [start, end, [box indices]]) to match
+        the context regions of the objects it names and no other (`tasks.grounding.count_targets`); 0 leaves it
+        out. Needs grounding_weight > 0 (it reads the same boxes).
     answer_margin: keep every two answers of the list at cosine <= this (a hinge, in logit units): answers that
         embed alike ("left of" and "right of" reach 0.999) leave the query no gradient to learn them apart. A
         training term: left out in eval mode, so that a validation loss measures the answers.
@@ -108,13 +112,15 @@ class VQATask(Task):
 
     def __init__(self, answer_list: Sequence[str] | None = None, mode: str = "rank", label_smoothing: float = 0.1,
                  beams: int = 1, max_length: int | None = None, grounding_weight: float = 0.0,
-                 answer_margin: float | None = None, image_size: int = 224):
+                 answer_margin: float | None = None, image_size: int = 224, count_weight: float = 0.0):
         super().__init__(image_size)
         if mode not in MODES:
             raise ValueError(f"vqa: unknown mode {mode!r}; expected one of {MODES}")
-        if isinstance(grounding_weight, bool) or not isinstance(grounding_weight, (int, float)) or not (
-                0 <= grounding_weight < float("inf")):
-            raise ValueError(f"vqa: grounding_weight {grounding_weight!r}; expected a finite number >= 0")
+        for name, weight in (("grounding_weight", grounding_weight), ("count_weight", count_weight)):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+                raise ValueError(f"vqa: {name} {weight!r}; expected a finite number >= 0")
+        if count_weight and not grounding_weight:
+            raise ValueError("vqa: count_weight needs grounding_weight > 0 (the phrases' boxes come with it)")
         if answer_margin is not None and (isinstance(answer_margin, bool) or not isinstance(
                 answer_margin, (int, float)) or not -1 <= answer_margin <= 1):
             raise ValueError(f"vqa: answer_margin {answer_margin!r}; expected a cosine in [-1, 1] or null")
@@ -123,6 +129,7 @@ class VQATask(Task):
         self.answer_list = list(answer_list) if answer_list is not None else None
         self.mode, self.label_smoothing, self.beams, self.max_length = mode, label_smoothing, beams, max_length
         self.grounding_weight, self.answer_margin = float(grounding_weight), answer_margin
+        self.count_weight = float(count_weight)
 
     def format_batch(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Samples with "image", "question" and "answer" (normalised by `normalize_answer`), one question each;
@@ -145,7 +152,8 @@ class VQATask(Task):
         (`UniPerceiver.vqa_query(image_index=...)`), so a step trains on about five times the questions of a
         one-question-per-picture batch for the same backbone work."""
         require_fields(samples, ["image", "questions", "qa_answers"] + (
-            ["qa_groundings", "boxes"] if self.grounding_weight else []), self.name)
+            ["qa_groundings", "boxes"] if self.grounding_weight else []) + (
+            ["qa_count_groundings"] if self.count_weight else []), self.name)
         image_index, questions, answers, groundings = [], [], [], []
         for i, sample in enumerate(samples):
             asked, answered = sample["questions"], sample["qa_answers"]
@@ -164,6 +172,9 @@ class VQATask(Task):
         if self.grounding_weight:  # after stack_images, whose errors name a bad picture
             batch["groundings"] = [phrases for i, sample in enumerate(samples)
                                    for phrases in self._groundings(sample, i)]
+        if self.count_weight:
+            batch["count_groundings"] = [phrases for i, sample in enumerate(samples)
+                                         for phrases in self._count_groundings(sample, i)]
         return batch
 
     def _groundings(self, sample: dict[str, Any], i: int) -> list[list[tuple[int, int, list[float] | None]]]:
@@ -188,6 +199,28 @@ class VQATask(Task):
                                  f"box index] with 0 <= start < end <= {len(asked)} (the question's characters) and "
                                  f"an index into its {len(boxes)} boxes (-1: names no object)")
             out.append([(start, end, boxes[box] if box >= 0 else None) for start, end, box in question])
+        return out
+
+    def _count_groundings(self, sample: dict[str, Any], i: int) -> list[list[tuple[int, int, list[list[float]]]]]:
+        """A sample's "qa_count_groundings" with each list of box indices replaced by those boxes in input pixels."""
+        phrases, count = sample["qa_count_groundings"], len(sample["questions"])
+        if not isinstance(phrases, (list, tuple)) or len(phrases) != count:
+            raise ValueError(f"task {self.name!r}: sample {i} needs 'qa_count_groundings' as a list of one list of "
+                             f"counting phrases per question ({count}), got {phrases!r:.200}")
+        boxes = input_boxes(sample["image"], sample["boxes"], self.image_size)
+        out = []
+        for question, asked in zip(phrases, sample["questions"]):
+            def good(p):
+                return (isinstance(p, (list, tuple)) and len(p) == 3 and isinstance(p[0], int)
+                        and isinstance(p[1], int) and 0 <= p[0] < p[1] <= len(asked)
+                        and isinstance(p[2], (list, tuple))
+                        and all(isinstance(b, int) and 0 <= b < len(boxes) for b in p[2]))
+            bad = [p for p in question if not good(p)] if isinstance(question, (list, tuple)) else [question]
+            if bad:
+                raise ValueError(f"task {self.name!r}: sample {i}: 'qa_count_groundings' entries {bad} are not "
+                                 f"[start, end, [box indices]] with 0 <= start < end <= {len(asked)} (the "
+                                 f"question's characters) and indices into its {len(boxes)} boxes")
+            out.append([(start, end, [boxes[b] for b in named]) for start, end, named in question])
         return out
 
     def _answer_list(self, batch: dict[str, Any]) -> list[str]:
@@ -238,6 +271,12 @@ class VQATask(Task):
             if grounding.pairs is not None:
                 pairs = pair_targets(phrase, grounding.boxes.shape[1])
                 loss = loss + self.grounding_weight * grounding_loss(grounding.pairs, pairs)
+        if self.count_weight and "count_groundings" in batch:
+            if grounding.counts is None:
+                raise ValueError(f"task {self.name!r}: count_weight needs a model built with "
+                                 "model.detection.ground_counts: true")
+            counted = count_targets(grounding.offsets, batch["count_groundings"], grounding.boxes, grounding.valid)
+            loss = loss + self.count_weight * count_loss(grounding.counts, counted)
         if self.answer_margin is not None and model.training:  # a training term, as weight decay is
             loss = loss + answer_separation(answers, self.answer_margin, model.readout.scale(self.family))
         return loss

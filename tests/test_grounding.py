@@ -93,13 +93,13 @@ def test_grounding_layer_starts_as_the_identity_and_ignores_padding_regions():
     text, regions = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 8.0, 16.0, 16.0], [0.0, 0.0, 16.0, 16.0]]).expand(2, 3, 4)
     valid = torch.tensor([[True, True, False], [False, False, False]])
-    out, logits, _ = layer(text, regions, boxes, valid, (16, 16))
+    out, logits, *_ = layer(text, regions, boxes, valid, (16, 16))
     assert torch.equal(out, text)  # the box projection and the "no object" vector start at zero
     assert logits.shape == (2, 5, 4)  # three regions and the slot
     torch.nn.init.normal_(layer.box.weight)
     torch.nn.init.normal_(layer.null_value)
     torch.nn.init.normal_(layer.null_key)
-    out, logits, _ = layer(text, regions, boxes, valid, (16, 16))
+    out, logits, *_ = layer(text, regions, boxes, valid, (16, 16))
     assert torch.isfinite(out).all()
     weights = logits.softmax(-1)
     assert weights[0, :, 2].max() == 0  # padding takes no attention
@@ -117,11 +117,11 @@ def test_grounding_with_content_adds_the_attended_regions_tokens():
     text, regions = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 8.0, 16.0, 16.0], [0.0, 0.0, 16.0, 16.0]]).expand(2, 3, 4)
     valid = torch.tensor([[True, True, False], [False, False, False]])
-    out, _, _ = layer(text, regions, boxes, valid, (16, 16))
+    out, *_ = layer(text, regions, boxes, valid, (16, 16))
     assert torch.equal(out, text)  # the content projection starts at zero too
     for parameter in (layer.box.weight, layer.null_value, layer.null_key, layer.content.weight, layer.content.bias):
         torch.nn.init.normal_(parameter)
-    out, logits, _ = layer(text, regions, boxes, valid, (16, 16))
+    out, logits, *_ = layer(text, regions, boxes, valid, (16, 16))
     weights = logits.softmax(-1)
     expected = (text[0] + layer.box(weights[0, :, :3] @ box_encoding(boxes[0], (16, 16), 2))
                 + weights[0, :, 3:] * layer.null_value + layer.content(weights[0, :, :3] @ regions[0]))

@@ -206,7 +206,9 @@ class UniPerceiver(nn.Module):
                 self.context_name = nn.Linear(self.config.embed_dim, width)
             if config.ground_text:
                 self.grounding = PhraseGrounding(width, config.box_frequencies, content=config.ground_content,
-                                                 relations=config.ground_relations)
+                                                 relations=config.ground_relations,
+                                                 relation_words=config.ground_relation_words,
+                                                 counts=config.ground_counts, max_count=config.context_regions)
 
     @property
     def has_detection(self) -> bool:
@@ -409,9 +411,11 @@ class UniPerceiver(nn.Module):
         """The grounding layer on one zero token and region, for the steps that do not rank answers to questions."""
         width = self.config.decoder.width
         zero = like.new_zeros(1, 1, width)
-        grounded, logits, pairs = self.grounding(zero, zero, like.new_tensor([[[0.0, 0.0, 1.0, 1.0]]]),
-                                                 torch.ones(1, 1, dtype=torch.bool, device=like.device), (1, 1))
-        return grounded.sum() + logits.sum() + (0.0 if pairs is None else pairs[..., -1].sum())  # the one unmasked
+        grounded, logits, pairs, counts = self.grounding(zero, zero, like.new_tensor([[[0.0, 0.0, 1.0, 1.0]]]),
+                                                         torch.ones(1, 1, dtype=torch.bool, device=like.device),
+                                                         (1, 1))
+        return (grounded.sum() + logits.sum() + (0.0 if pairs is None else pairs[..., -1].sum())  # the one unmasked
+                + (0.0 if counts is None else counts.sum()))
 
     def encode_image(self, images) -> Tensor:
         """Pictures (PIL, paths, numpy, tensors; see `prepare_images`) -> (B, embed_dim) embeddings (unit norm)."""
@@ -481,9 +485,10 @@ class UniPerceiver(nn.Module):
         text, text_valid = self.text_encoder(tokenized)
         grounding = None
         if self.grounding is not None:
-            text, logits, pairs = self.grounding(text, regions.tokens, regions.boxes, regions.valid,
-                                                 regions.image_size, text_valid)
-            grounding = QuestionGrounding(logits, regions.boxes, regions.valid, tokenized["offset_mapping"], pairs)
+            text, logits, pairs, counts = self.grounding(text, regions.tokens, regions.boxes, regions.valid,
+                                                         regions.image_size, text_valid)
+            grounding = QuestionGrounding(logits, regions.boxes, regions.valid, tokenized["offset_mapping"], pairs,
+                                          counts)
         tokens = torch.cat([image_tokens, text], dim=1)
         kinds = torch.cat([image_kinds, torch.full(text_valid.shape, int(Modality.TEXT), device=text.device)], 1)
         tokens, kinds = self.decoder.prepend_spe(tokens, kinds)

@@ -47,7 +47,11 @@ class RegionConfig:
     features and detection's name of the box), so "what colour is the star?" carries the star's look on the
     word "star" and the decoder reads it off the question instead of finding the star among the image tokens.
     ground_relations: with ground_text, each token also takes in where its object lies relative to an earlier
-    token's (`uniperceiver.grounding.PhraseRelations`): "left of" becomes the sign of one offset."""
+    token's (`uniperceiver.grounding.PhraseRelations`): "left of" becomes the sign of one offset.
+    ground_relation_words: with ground_relations, the offset is also projected on directions each token reads off
+    its own words, so "is the A left of the B?" becomes the sign of one product (`PhraseRelations`' `words`).
+    ground_counts: with ground_text, each token also matches every context region on its own and takes in how
+    many it matches (`uniperceiver.grounding.PhraseCounts`): what "how many red shapes?" needs."""
     levels: tuple[int, ...] = (0, 1, 2, 3)
     width: int = 64
     depth: int = 2
@@ -63,6 +67,8 @@ class RegionConfig:
     ground_text: bool = False
     ground_content: bool = False
     ground_relations: bool = False
+    ground_relation_words: bool = False
+    ground_counts: bool = False
 
     def __post_init__(self):
         self.levels = tuple(int(level) for level in self.levels)
@@ -79,9 +85,12 @@ class RegionConfig:
             raise ValueError("RegionConfig.context_names needs context_regions >= 1: only context regions carry names")
         if self.ground_text and not self.context_regions:
             raise ValueError("RegionConfig.ground_text needs context_regions >= 1: the text is grounded in them")
-        for name in ("ground_content", "ground_relations"):
+        for name in ("ground_content", "ground_relations", "ground_counts"):
             if getattr(self, name) and not self.ground_text:
                 raise ValueError(f"RegionConfig.{name} needs ground_text: true (it adds to what grounding takes in)")
+        if self.ground_relation_words and not self.ground_relations:
+            raise ValueError("RegionConfig.ground_relation_words needs ground_relations: true (it projects their "
+                             "offsets)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,7 +6,7 @@ import dataclasses
 import typing
 
 from ..samples import Sample
-from ..shapes import phrase_groundings
+from ..shapes import count_groundings, phrase_groundings
 from .base import ImageDataset
 
 
@@ -33,7 +33,9 @@ def _config_from_options(options: dict[str, str]):
 class ShapesSamples(ImageDataset):
     """One sample per image (`captions`, `label`, `boxes`, `categories`; the question-answer pairs in
     `extra["questions"]`, `extra["qa_answers"]`, and for each question the phrases that name one object,
-    [start, end, box index], -1 for none there, in `extra["qa_groundings"]`), or with `task=vqa` one sample per question."""
+    [start, end, box index], -1 for none there, in `extra["qa_groundings"]`, and the counting phrases with every
+    object they name, [start, end, [box indices]], in `extra["qa_count_groundings"]`), or with `task=vqa` one
+    sample per question."""
 
     format_name = "shapes"
     layout = "generated on first use into FOLDER (default: the project cache) as a Hugging Face dataset"
@@ -77,5 +79,6 @@ class ShapesSamples(ImageDataset):
         sample.category_ids, sample.categories = category_ids, [self.categories[c] for c in category_ids]
         kinds = [(self.colours[c], self.categories[k]) for c, k in zip(row["objects"]["colour"], category_ids)]
         sample.extra = {"questions": list(row["questions"]), "qa_answers": list(row["answers"]),
-                        "qa_groundings": [phrase_groundings(q, kinds) for q in row["questions"]]}
+                        "qa_groundings": [phrase_groundings(q, kinds) for q in row["questions"]],
+                        "qa_count_groundings": [count_groundings(q, kinds) for q in row["questions"]]}
         return sample
