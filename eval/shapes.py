@@ -16,7 +16,9 @@ What is measured (every task ranks candidates by cosine similarity, as the model
   blind baseline overall and per type (`blind_vqa_accuracies`: the train split's most frequent answer to the
   same question). With a grounding layer (`detection.ground_text`), also how often a phrase attends most to
   the context region of the one object it names, or to the "no object" slot when it names none
-  (grounding_accuracy, and [object] and [no_object] apart; chance 1 / (context_regions + 1)).
+  (grounding_accuracy, and [object] and [no_object] apart; chance 1 / (context_regions + 1)), and with
+  `detection.ground_counts` how often a counting phrase matches as many regions as it names objects
+  (count_match_accuracy).
 - captioning: greedy (or beam) captions against all of the image's captions, CIDEr-D and BLEU-4 by
   pycocoevalcap on Python-tokenised text (no Java). Their "chance" is the score of a real caption of another
   image (the references rolled by one): what a fluent captioner blind to the image gets.
@@ -150,6 +152,7 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
     predictions = []
     grounded = getattr(model, "grounding", None) is not None  # a model built with detection.ground_text
     hits = {"object": [0, 0], "no_object": [0, 0]}  # right, scored
+    counted = [0, 0]  # counting phrases matching as many regions as they name objects, and scored
     for s in _batches(len(items), batch_size, progress, "questions"):
         batch = items[s:s + batch_size]
         index = [row for row, *_ in batch]
@@ -162,6 +165,10 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
                                                         images.shape[-1]).items():
                 hits[kind][0] += right
                 hits[kind][1] += count
+            if grounding.counts is not None:
+                right, count = _count_hits(picked, questions, grounding, images.shape[-1])
+                counted[0] += right
+                counted[1] += count
         else:
             queries = model.vqa_query(images, questions)
         queries = F.normalize(queries.float(), dim=-1)
@@ -190,6 +197,9 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
                 metrics[key], chance[key] = r / n, slots
         counts["grounded_phrases"] = scored
         counts["grounded_phrases_without_object"] = hits["no_object"][1]
+        if counted[1]:
+            metrics["vqa/count_match_accuracy"], chance["vqa/count_match_accuracy"] = counted[0] / counted[1], slots
+            counts["counting_phrases"] = counted[1]
     return metrics, chance, counts
 
 
@@ -217,6 +227,32 @@ def _grounding_hits(rows, questions: list[str], grounding, size: int) -> dict[st
     for kind, picked in (("object", (targets != IGNORE) & (targets != slot)), ("no_object", targets == slot)):
         out[kind] = (int((chosen[picked] == targets[picked]).sum()), int(picked.sum()))
     return out
+
+
+def _count_hits(rows, questions: list[str], grounding, size: int) -> tuple[int, int]:
+    """(right, scored): how many counting phrases ("red shapes" in "how many red shapes are there?") match, with
+    a logit above 0, as many context regions as they name objects (`uniperceiver.grounding.PhraseCounts`)."""
+    from data_recipes.shapes import count_groundings
+    from tasks.grounding import count_targets, input_boxes
+
+    colours = rows.features["objects"]["colour"].feature.names
+    shapes = rows.features["objects"]["category"].feature.names
+    labelled, named = [], []
+    for row, question in zip(rows, questions):
+        objects = row["objects"]
+        kinds = [(colours[c], shapes[k]) for c, k in zip(objects["colour"], objects["category"])]
+        boxes = input_boxes(row["image"], objects["bbox"], size)
+        phrases = count_groundings(question, kinds)
+        labelled.append([(start, end, [boxes[i] for i in found]) for start, end, found in phrases])
+        named.append([len(found) for *_, found in phrases])
+    # the phrases' last tokens are where count_targets puts their rows (one phrase a question in the shapes data)
+    scored = (count_targets(grounding.offsets, labelled, grounding.boxes, grounding.valid) >= 0).any(-1)
+    matches = ((grounding.counts > 0) & grounding.valid[:, None, :]).sum(-1).cpu()
+    right = count = 0
+    for q, token in scored.nonzero().tolist():
+        right += int(matches[q, token]) == named[q][0]
+        count += 1
+    return right, count
 
 
 def _captioning(model, rows, beams, batch_size, progress, device) -> tuple[dict, dict, dict, list]:

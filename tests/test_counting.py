@@ -182,3 +182,52 @@ def test_vqa_count_loss_trains_the_matches(offline_cache):  # noqa: F811
         sums = found.counts.sigmoid().sum(-1)
         last = [int(found.offsets[q, :, 1].tolist().index(end)) for q, end in ((0, 19), (1, 14))]
         assert sums[0, last[0]] > 1.5 and sums[1, last[1]] < 0.5
+
+
+def test_the_shapes_suite_scores_how_many_regions_a_counting_phrase_matches(tmp_path, offline_cache):  # noqa: F811
+    from data_recipes.shapes import ShapesConfig, build_shapes_dataset
+    from eval.shapes import _count_hits, evaluate_shapes
+    from tasks.grounding import input_boxes
+    from uniperceiver import UniPerceiver, tiny_config
+    from uniperceiver.grounding import QuestionGrounding
+
+    config = ShapesConfig(train_size=8, val_size=1, test_size=6)
+    rows = build_shapes_dataset(tmp_path / "shapes", config)["test"]
+    torch.manual_seed(0)
+    model = UniPerceiver(tiny_config(image={"backbone_overrides": TINY_BACKBONE},
+                                     detection={**DETECTION, "context_regions": 4, "num_proposals": 8,
+                                                "ground_text": True, "ground_counts": True})).eval()
+    picked, questions, named = [], [], []  # named: the objects each counting question's phrase counts
+    for index, row in enumerate(rows):
+        kinds = [(config.colours[c], config.shapes[k]) for c, k in zip(row["objects"]["colour"],
+                                                                       row["objects"]["category"])]
+        for question in row["questions"]:
+            if question.startswith("how many"):
+                picked.append(index), questions.append(question)
+                named.append(count_groundings(question, kinds)[0][2])
+    # the regions are the objects' own boxes, in the objects' order
+    boxes, valid = torch.zeros(len(questions), 4, 4), torch.zeros(len(questions), 4, dtype=torch.bool)
+    for q, index in enumerate(picked):
+        objects = rows[index]["objects"]["bbox"]
+        boxes[q, :len(objects)] = torch.tensor(input_boxes(rows[index]["image"], objects, 64))
+        valid[q, :len(objects)] = True
+    offsets = model.text_encoder.token_offsets(questions)
+    length = offsets.shape[1]
+    right_regions = torch.zeros(len(questions), 4)
+    for q, objects in enumerate(named):
+        right_regions[q, objects] = 1.0
+    picked_rows = rows.select(picked)
+    for matched, expected in ((right_regions, len(questions)),  # the named objects' regions: every phrase right
+                              (valid.float(), sum(len(objects) == int(valid[q].sum())  # every region: only
+                                                  for q, objects in enumerate(named)))):  # "how many shapes"
+        counts = (matched * 20 - 10)[:, None, :].expand(-1, length, -1)
+        grounding = QuestionGrounding(torch.zeros(len(questions), length, 5), boxes, valid, offsets, counts=counts)
+        assert _count_hits(picked_rows, questions, grounding, 64) == (expected, len(questions))
+    assert 0 < sum(len(objects) == int(valid[q].sum()) for q, objects in enumerate(named)) < len(questions)
+
+    results = evaluate_shapes(model, dataset={"train": rows, "test": rows}, config=config, tasks=("vqa",),
+                              progress=False)
+    # every counting phrase is scored where the picture has proposals (the untrained proposer gives them here)
+    assert results["counts"]["counting_phrases"] == len(questions)
+    assert 0 <= results["metrics"]["vqa/count_match_accuracy"] <= 1
+    assert results["chance"]["vqa/count_match_accuracy"] == 0.2
