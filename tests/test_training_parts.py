@@ -314,7 +314,8 @@ def test_tiny_recipe_loads():
     backbone = {"channels": 24, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0}
     detection = {"levels": [0, 1, 2, 3], "width": 64, "depth": 2, "roi_size": 7, "num_proposals": 8,
                  "pre_nms_top_k": 100, "context_regions": 4, "context_names": True, "ground_text": True,
-                 "ground_content": True, "ground_relations": True}
+                 "ground_content": True, "ground_relations": True, "ground_relation_words": True,
+                 "ground_counts": True}
     assert recipe.model_config() == tiny_config(image={"token_stages": [-2, -1], "backbone_overrides": backbone},
                                                 decoder={"depth": 4}, detection=detection,
                                                 diffusion={"image_size": 32, "block_out_channels": [32, 64, 96],
@@ -355,7 +356,7 @@ def test_overrides():
     assert recipe.model["decoder"]["depth"] == 3 and recipe.model["decoder"]["width"] == 64
     assert recipe.model["max_caption_length"] == 30
     assert recipe.task("vqa").kwargs == {"mode": "rank", "grounding_weight": 1.0, "answer_margin": 0.5,
-                                         "label_smoothing": 0.2}
+                                         "count_weight": 1.0, "label_smoothing": 0.2}
     assert recipe.output_dir == "/tmp/run"
 
 

@@ -192,7 +192,9 @@ class PhraseCounts(nn.Module):
         super().__init__()
         self.query = nn.Linear(width, dim)
         self.key = nn.Linear(width, dim)
-        self.bias = nn.Parameter(torch.tensor(-2.0))  # matches start mostly off: most tokens count nothing
+        # matches start mostly off (most tokens count nothing); one element, not a 0-d tensor, which DeepSpeed's
+        # flattening of the parameters cannot view
+        self.bias = nn.Parameter(torch.full((1,), -2.0))
         # the count as a soft one-hot over 0..max_count (each number's hat), so that "two" and "three" need
         # not lie on one line in the decoder's width
         self.value = nn.Linear(max_count + 1, width)
