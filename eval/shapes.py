@@ -18,7 +18,8 @@ What is measured (every task ranks candidates by cosine similarity, as the model
   the context region of the one object it names, or to the "no object" slot when it names none
   (grounding_accuracy, and [object] and [no_object] apart; chance 1 / (context_regions + 1)), and with
   `detection.ground_counts` how often a counting phrase matches as many regions as it names objects
-  (count_match_accuracy).
+  (count_match_accuracy: the number the word carries, so an object no region found makes it wrong; its "chance"
+  is one number of the 0..context_regions the layer can say, as for the grounding).
 - captioning: greedy (or beam) captions against all of the image's captions, CIDEr-D and BLEU-4 by
   pycocoevalcap on Python-tokenised text (no Java). Their "chance" is the score of a real caption of another
   image (the references rolled by one): what a fluent captioner blind to the image gets.

@@ -67,7 +67,7 @@ def test_count_targets_claim_one_region_per_object_and_ignore_padding():
     assert torch.equal(targets, expected)
     logits = torch.zeros(2, 5, 4, requires_grad=True)
     loss = count_loss(logits, targets)
-    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())  # six entries at p = 0.5
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())  # five entries, each at p = 0.5
     loss.backward()
     assert logits.grad[targets < 0].abs().max() == 0 and logits.grad[targets >= 0].abs().min() > 0
     nothing = count_loss(torch.full((1, 5, 4), torch.finfo(torch.float32).min / 2, requires_grad=True),
@@ -111,7 +111,7 @@ def test_relation_words_project_the_offset_on_directions_the_token_reads():
     attention, places = torch.rand(2, 4, 3) / 3, torch.rand(2, 3, 4) * 0.5 + 0.1
     # with the directions' weights at zero in the hidden layer, the same output as without them
     torch.testing.assert_close(worded(text, valid, attention, places)[0], plain(text, valid, attention, places)[0])
-    # a direction's feature is the paired offset's projection on it: flipping the offset flips the feature
+    # a direction's feature is the paired offset's projection on it
     captured = {}
     worded.hidden.register_forward_hook(lambda module, args, out: captured.update(features=args[0]))
     worded(text, valid, attention, places)
@@ -121,7 +121,12 @@ def test_relation_words_project_the_offset_on_directions_the_token_reads():
     mirrored = places.clone()
     mirrored[..., 0] = 1 - mirrored[..., 0]
     worded(text, valid, attention, mirrored)
-    torch.testing.assert_close(captured["features"][..., 0], -features[..., 0])
+    # mirrored left to right, dx changes sign and dy does not, and each projection follows: "left of" reads the
+    # other side
+    flipped = features[..., :2] * torch.tensor([-1.0, 1.0])
+    torch.testing.assert_close(captured["features"][..., :2], flipped)
+    torch.testing.assert_close(captured["features"][..., plain.features:], (directions * flipped[..., None, :]).sum(-1))
+    assert not torch.allclose(captured["features"][..., plain.features:], features[..., plain.features:])
     with pytest.raises(ValueError, match="ground_relation_words needs ground_relations"):
         RegionConfig(context_regions=4, ground_text=True, ground_relation_words=True)
     with pytest.raises(ValueError, match="ground_counts needs ground_text"):
