@@ -162,12 +162,12 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
         questions = [q for _, q, _, _ in batch]
         if grounded:
             queries, grounding = model.vqa_query_and_grounding(images, questions)
-            for kind, (right, count) in _grounding_hits(picked, questions, grounding,
-                                                        images.shape[-1]).items():
+            objects = _question_objects(picked, images.shape[-1])
+            for kind, (right, count) in _grounding_hits(objects, questions, grounding).items():
                 hits[kind][0] += right
                 hits[kind][1] += count
             if grounding.counts is not None:
-                right, count = _count_hits(picked, questions, grounding, images.shape[-1])
+                right, count = _count_hits(objects, questions, grounding)
                 counted[0] += right
                 counted[1] += count
         else:
@@ -204,23 +204,31 @@ def _vqa(model, rows, train, answers: list[str], batch_size, progress, device) -
     return metrics, chance, counts
 
 
-def _grounding_hits(rows, questions: list[str], grounding, size: int) -> dict[str, tuple[int, int]]:
-    """{"object": (right, scored), "no_object": (right, scored)}: how many of the questions' phrases attend most
-    to the context region that overlaps the one object they name (IoU >= 0.5; those whose object no region found
-    are not scored), or to the "no object" slot when they name none: whether the grounding layer finds what the
-    words mean, apart from whether VQA then answers right."""
-    from data_recipes.shapes import phrase_groundings
-    from tasks.grounding import IGNORE, input_boxes, phrase_targets
+def _question_objects(rows, size: int) -> list[tuple[list[tuple[str, str]], list[list[float]]]]:
+    """Per row, its objects' (colour, shape) words and their boxes in the model's input pixels: what the phrase
+    labels of `_grounding_hits` and `_count_hits` are made from (each row's picture decoded once for both)."""
+    from tasks.grounding import input_boxes
 
     colours = rows.features["objects"]["colour"].feature.names
     shapes = rows.features["objects"]["category"].feature.names
-    labelled = []
-    for row, question in zip(rows, questions):
+    out = []
+    for row in rows:
         objects = row["objects"]
-        kinds = [(colours[c], shapes[k]) for c, k in zip(objects["colour"], objects["category"])]
-        boxes = input_boxes(row["image"], objects["bbox"], size)
-        labelled.append([(start, end, boxes[i] if i >= 0 else None)
-                         for start, end, i in phrase_groundings(question, kinds)])
+        out.append(([(colours[c], shapes[k]) for c, k in zip(objects["colour"], objects["category"])],
+                    input_boxes(row["image"], objects["bbox"], size)))
+    return out
+
+
+def _grounding_hits(objects, questions: list[str], grounding) -> dict[str, tuple[int, int]]:
+    """{"object": (right, scored), "no_object": (right, scored)}: how many of the questions' phrases attend most
+    to the context region that overlaps the one object they name (IoU >= 0.5; those whose object no region found
+    are not scored), or to the "no object" slot when they name none: whether the grounding layer finds what the
+    words mean, apart from whether VQA then answers right. objects: each question's `_question_objects` entry."""
+    from data_recipes.shapes import phrase_groundings
+    from tasks.grounding import IGNORE, phrase_targets
+
+    labelled = [[(start, end, boxes[i] if i >= 0 else None) for start, end, i in phrase_groundings(question, kinds)]
+                for (kinds, boxes), question in zip(objects, questions)]
     targets = phrase_targets(grounding.offsets, labelled, grounding.boxes, grounding.valid)
     chosen = grounding.logits.argmax(-1).cpu()
     slot = grounding.boxes.shape[1]
@@ -230,19 +238,15 @@ def _grounding_hits(rows, questions: list[str], grounding, size: int) -> dict[st
     return out
 
 
-def _count_hits(rows, questions: list[str], grounding, size: int) -> tuple[int, int]:
+def _count_hits(objects, questions: list[str], grounding) -> tuple[int, int]:
     """(right, scored): how many counting phrases ("red shapes" in "how many red shapes are there?") match, with
-    a logit above 0, as many context regions as they name objects (`uniperceiver.grounding.PhraseCounts`)."""
+    a logit above 0, as many context regions as they name objects (`uniperceiver.grounding.PhraseCounts`).
+    objects: each question's `_question_objects` entry."""
     from data_recipes.shapes import count_groundings
-    from tasks.grounding import count_targets, input_boxes
+    from tasks.grounding import count_targets
 
-    colours = rows.features["objects"]["colour"].feature.names
-    shapes = rows.features["objects"]["category"].feature.names
     labelled, named = [], []
-    for row, question in zip(rows, questions):
-        objects = row["objects"]
-        kinds = [(colours[c], shapes[k]) for c, k in zip(objects["colour"], objects["category"])]
-        boxes = input_boxes(row["image"], objects["bbox"], size)
+    for (kinds, boxes), question in zip(objects, questions):
         phrases = count_groundings(question, kinds)
         labelled.append([(start, end, [boxes[i] for i in found]) for start, end, found in phrases])
         named.append([len(found) for *_, found in phrases])

@@ -12,7 +12,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,28 @@ from .captioning import caption_loss
 from .grounding import count_loss, count_targets, grounding_loss, input_boxes, pair_targets, phrase_targets
 
 VQAV2_NUM_ANSWERS = 3129
+
+
+class _PhraseField(NamedTuple):
+    """A whole-picture sample's per-question phrase lists, [start, end, target], and what a target is: its name in
+    error messages, how it is checked against the picture's box count, and the boxes it stands for."""
+    name: str
+    phrases: str
+    target: str
+    indices: str
+    valid: Callable[[Any, int], bool]
+    resolve: Callable[[Any, list], Any]
+
+
+# a phrase naming one object (box index, -1 for none there); a counting phrase with every object it counts
+_GROUNDINGS = _PhraseField("qa_groundings", "phrases", "box index", "an index into its {} boxes (-1: names no object)",
+                           lambda target, count: isinstance(target, int) and -1 <= target < count,
+                           lambda target, boxes: boxes[target] if target >= 0 else None)
+_COUNT_GROUNDINGS = _PhraseField("qa_count_groundings", "counting phrases", "[box indices]",
+                                 "indices into its {} boxes",
+                                 lambda target, count: isinstance(target, (list, tuple)) and all(
+                                     isinstance(b, int) and 0 <= b < count for b in target),
+                                 lambda target, boxes: [boxes[b] for b in target])
 MODES = ("rank", "generate")
 
 
@@ -170,58 +192,44 @@ class VQATask(Task):
         batch = {"images": stack_images([s["image"] for s in samples], self.image_size),
                  "questions": questions, "answers": answers, "image_index": image_index}
         if self.grounding_weight:  # after stack_images, whose errors name a bad picture
-            batch["groundings"] = [phrases for i, sample in enumerate(samples)
-                                   for phrases in self._groundings(sample, i)]
-        if self.count_weight:
-            batch["count_groundings"] = [phrases for i, sample in enumerate(samples)
-                                         for phrases in self._count_groundings(sample, i)]
+            groundings, counted = [], []
+            for i, sample in enumerate(samples):
+                boxes = self._input_boxes(sample, i)
+                groundings += self._phrases(sample, i, _GROUNDINGS, boxes)
+                if self.count_weight:
+                    counted += self._phrases(sample, i, _COUNT_GROUNDINGS, boxes)
+            batch["groundings"] = groundings
+            if self.count_weight:
+                batch["count_groundings"] = counted
         return batch
 
-    def _groundings(self, sample: dict[str, Any], i: int) -> list[list[tuple[int, int, list[float] | None]]]:
-        """A sample's "qa_groundings" with each box index replaced by its box in input pixels (xyxy), or None."""
-        phrases, count = sample["qa_groundings"], len(sample["questions"])
+    def _phrases(self, sample: dict[str, Any], i: int, field: _PhraseField, boxes: list[list[float]]) -> list:
+        """A sample's phrase lists (`field`: "qa_groundings" or "qa_count_groundings"), checked, with each target's
+        box indices replaced by those boxes in input pixels (xyxy)."""
+        phrases, count = sample[field.name], len(sample["questions"])
         if not isinstance(phrases, (list, tuple)) or len(phrases) != count:
-            raise ValueError(f"task {self.name!r}: sample {i} needs 'qa_groundings' as a list of one list of phrases "
-                             f"per question ({count}), got {phrases!r:.200}")
-        try:
-            boxes = input_boxes(sample["image"], sample["boxes"], self.image_size)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"task {self.name!r}: sample {i}: 'boxes' must be COCO [x, y, width, height] lists: "
-                             f"{error}") from error
-        out = []
-        for question, asked in zip(phrases, sample["questions"]):
-            def good(p):
-                return (isinstance(p, (list, tuple)) and len(p) == 3 and all(isinstance(v, int) for v in p)
-                        and 0 <= p[0] < p[1] <= len(asked) and -1 <= p[2] < len(boxes))
-            bad = [p for p in question if not good(p)] if isinstance(question, (list, tuple)) else [question]
-            if bad:
-                raise ValueError(f"task {self.name!r}: sample {i}: 'qa_groundings' entries {bad} are not [start, end, "
-                                 f"box index] with 0 <= start < end <= {len(asked)} (the question's characters) and "
-                                 f"an index into its {len(boxes)} boxes (-1: names no object)")
-            out.append([(start, end, boxes[box] if box >= 0 else None) for start, end, box in question])
-        return out
-
-    def _count_groundings(self, sample: dict[str, Any], i: int) -> list[list[tuple[int, int, list[list[float]]]]]:
-        """A sample's "qa_count_groundings" with each list of box indices replaced by those boxes in input pixels."""
-        phrases, count = sample["qa_count_groundings"], len(sample["questions"])
-        if not isinstance(phrases, (list, tuple)) or len(phrases) != count:
-            raise ValueError(f"task {self.name!r}: sample {i} needs 'qa_count_groundings' as a list of one list of "
-                             f"counting phrases per question ({count}), got {phrases!r:.200}")
-        boxes = input_boxes(sample["image"], sample["boxes"], self.image_size)
+            raise ValueError(f"task {self.name!r}: sample {i} needs {field.name!r} as a list of one list of "
+                             f"{field.phrases} per question ({count}), got {phrases!r:.200}")
         out = []
         for question, asked in zip(phrases, sample["questions"]):
             def good(p):
                 return (isinstance(p, (list, tuple)) and len(p) == 3 and isinstance(p[0], int)
-                        and isinstance(p[1], int) and 0 <= p[0] < p[1] <= len(asked)
-                        and isinstance(p[2], (list, tuple))
-                        and all(isinstance(b, int) and 0 <= b < len(boxes) for b in p[2]))
+                        and isinstance(p[1], int) and 0 <= p[0] < p[1] <= len(asked) and field.valid(p[2], len(boxes)))
             bad = [p for p in question if not good(p)] if isinstance(question, (list, tuple)) else [question]
             if bad:
-                raise ValueError(f"task {self.name!r}: sample {i}: 'qa_count_groundings' entries {bad} are not "
-                                 f"[start, end, [box indices]] with 0 <= start < end <= {len(asked)} (the "
-                                 f"question's characters) and indices into its {len(boxes)} boxes")
-            out.append([(start, end, [boxes[b] for b in named]) for start, end, named in question])
+                raise ValueError(f"task {self.name!r}: sample {i}: {field.name!r} entries {bad} are not [start, end, "
+                                 f"{field.target}] with 0 <= start < end <= {len(asked)} (the question's characters) "
+                                 f"and {field.indices.format(len(boxes))}")
+            out.append([(start, end, field.resolve(target, boxes)) for start, end, target in question])
         return out
+
+    def _input_boxes(self, sample: dict[str, Any], i: int) -> list[list[float]]:
+        """A sample's COCO boxes in input pixels (xyxy), once for all its phrase lists."""
+        try:
+            return input_boxes(sample["image"], sample["boxes"], self.image_size)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"task {self.name!r}: sample {i}: 'boxes' must be COCO [x, y, width, height] lists: "
+                             f"{error}") from error
 
     def _answer_list(self, batch: dict[str, Any]) -> list[str]:
         answer_list = batch.get("answer_list", self.answer_list)

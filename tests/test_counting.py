@@ -6,15 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
+from test_grounding import DETECTION, fixed_proposals
 from tiny_model import TINY_BACKBONE, offline_cache  # noqa: F401  (a fixture)
 from data_recipes.shapes import count_groundings
 from tasks import get_task
 from tasks.grounding import count_loss, count_targets
-from uniperceiver.grounding import PhraseCounts, PhraseGrounding, PhraseRelations
+from uniperceiver.grounding import PhraseCounts, PhraseRelations
 from uniperceiver.region_proposals import RegionConfig
-
-DETECTION = {"levels": [1, 2, 3], "width": 32, "depth": 1, "num_proposals": 8, "pre_nms_top_k": 100,
-             "context_regions": 3}
 
 
 def test_counting_phrases_name_every_object_they_count():
@@ -135,7 +133,6 @@ def test_relation_words_project_the_offset_on_directions_the_token_reads():
 
 def test_vqa_count_loss_trains_the_matches(offline_cache):  # noqa: F811
     from uniperceiver import UniPerceiver, tiny_config
-    from test_grounding import fixed_proposals
 
     with pytest.raises(ValueError, match="count_weight needs grounding_weight"):
         get_task("vqa", count_weight=1.0)
@@ -191,7 +188,7 @@ def test_vqa_count_loss_trains_the_matches(offline_cache):  # noqa: F811
 
 def test_the_shapes_suite_scores_how_many_regions_a_counting_phrase_matches(tmp_path, offline_cache):  # noqa: F811
     from data_recipes.shapes import ShapesConfig, build_shapes_dataset
-    from eval.shapes import _count_hits, evaluate_shapes
+    from eval.shapes import _count_hits, _question_objects, evaluate_shapes
     from tasks.grounding import input_boxes
     from uniperceiver import UniPerceiver, tiny_config
     from uniperceiver.grounding import QuestionGrounding
@@ -221,13 +218,13 @@ def test_the_shapes_suite_scores_how_many_regions_a_counting_phrase_matches(tmp_
     right_regions = torch.zeros(len(questions), 4)
     for q, objects in enumerate(named):
         right_regions[q, objects] = 1.0
-    picked_rows = rows.select(picked)
+    objects = _question_objects(rows.select(picked), 64)
     for matched, expected in ((right_regions, len(questions)),  # the named objects' regions: every phrase right
                               (valid.float(), sum(len(objects) == int(valid[q].sum())  # every region: only
                                                   for q, objects in enumerate(named)))):  # "how many shapes"
         counts = (matched * 20 - 10)[:, None, :].expand(-1, length, -1)
         grounding = QuestionGrounding(torch.zeros(len(questions), length, 5), boxes, valid, offsets, counts=counts)
-        assert _count_hits(picked_rows, questions, grounding, 64) == (expected, len(questions))
+        assert _count_hits(objects, questions, grounding) == (expected, len(questions))
     assert 0 < sum(len(objects) == int(valid[q].sum()) for q, objects in enumerate(named)) < len(questions)
 
     results = evaluate_shapes(model, dataset={"train": rows, "test": rows}, config=config, tasks=("vqa",),

@@ -275,7 +275,7 @@ def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, off
     object. Regions placed on the objects, in the objects' order: attention on the named object's index is
     always right, on the next object's never; an untrained grounded model gets the metric beside its chance."""
     from data_recipes.shapes import ShapesConfig, build_shapes_dataset
-    from eval.shapes import _grounding_hits, evaluate_shapes
+    from eval.shapes import _grounding_hits, _question_objects, evaluate_shapes
     from tasks.grounding import input_boxes
     from uniperceiver import UniPerceiver, tiny_config
     from uniperceiver.grounding import QuestionGrounding
@@ -314,8 +314,8 @@ def test_the_shapes_suite_scores_the_grounding_of_a_grounded_model(tmp_path, off
         if shift:
             target = torch.where(target == 4, 0, (target + 1) % count[subset])
         logits = torch.nn.functional.one_hot(target, 5).float()[:, None, :].expand(-1, length, -1) * 10
-        hits = _grounding_hits(rows.select([picked[q] for q in single]), asked,
-                               QuestionGrounding(logits, boxes[subset], valid[subset], offsets), 64)
+        hits = _grounding_hits(_question_objects(rows.select([picked[q] for q in single]), 64), asked,
+                               QuestionGrounding(logits, boxes[subset], valid[subset], offsets))
         absent = sum(named[q][0] == -1 for q in single)
         assert hits["no_object"][1] == absent > 0 and hits["object"][1] == len(single) - absent > 0
         for right, total in hits.values():
