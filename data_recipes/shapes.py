@@ -12,6 +12,8 @@ separate family that training never sees, `style="shifted"`, measures what carri
 random family without its nuisances, for the text-to-image branch (`shapes_styles`).
 - shapes never overlap (boxes keep a gap), so every shape is whole and every box is tight and unoccluded;
 - a scene of several shapes has exactly one large shape, the others are small; a lone shape is either size;
+  the large shape also covers at least `AREA_MARGIN` times the area of every small one (a star fills less of
+  its box than a square does), so that "the largest shape" is the one a person sees as largest;
   sides vary continuously within each size class, shapes other than circles may be slightly stretched and
   turned (at most 15 degrees: a square never becomes a diamond), and each has its own shade of its colour;
 - `label` is the colour of the largest shape (`ShapesConfig.label="shape"`: its shape); `class_names(config)`;
@@ -47,12 +49,13 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from .shapes_styles import POLYGONS, STYLES, SUPERSAMPLE, Look, render, sample_look, shade  # noqa: F401 (re-exported)
+from .shapes_styles import (POLYGONS, STYLES, SUPERSAMPLE, Look, fill_fraction, render,  # noqa: F401 (re-exported)
+                            sample_look, shade)
 from .text_corpus import (CAPTION_TEMPLATES, COLOURS, COUNT_WORDS, MAX_SHAPES, PLURALS, QUESTIONS, RELATIONS,
                           SHAPES, YES_NO, count_phrase, describe, join_phrases)
 
 # Bump when a change here changes the data: cached builds are keyed by it (and by the config).
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 SPLITS = ("train", "val", "test")
 # The splits whose yes/no questions each come with their complement (`complement_yes_no`); the evaluation splits
 # ask one of each kind, so that their numbers stay comparable from one version to the next.
@@ -64,6 +67,10 @@ QA_TYPES = ("colour", "shape", "count", "position", "yes_no")
 # The side of an object's box as a fraction of the image side: drawn from these ranges (11-16 and 19-27 pixels
 # at 64); the classes keep apart, so that the largest shape of a scene is always clearly the largest.
 SIZES = {"small": (0.17, 0.25), "large": (0.30, 0.42)}
+# A box's side is not what the eye compares: a star fills 43% of its box, a square all of it, so a large star may
+# show less colour than a small square beside it. The large shape's drawn area is kept at least this many times
+# every small one's, so that the label ("the colour of the largest shape") is what the picture shows.
+AREA_MARGIN = 1.5
 MAX_STRETCH = 0.15   # a box's height is its width times 1 +- this (circles stay round)
 MAX_TURN = 15.0      # degrees an object may be rotated by (half of them are)
 CONFIG_FILE = "shapes_config.json"  # written last into a built folder: it marks the build as complete
@@ -175,22 +182,34 @@ def sample_scene(rng: random.Random, config: ShapesConfig | None = None,
             kinds.append(rng.choice(kinds))
         else:
             kinds.append((rng.choice(config.colours), rng.choice(config.shapes)))
-    extents = []
-    for (_, shape), size in zip(kinds, sizes):
-        width = max(4, round(rng.uniform(*SIZES[size]) * config.image_size))
-        stretch = 1.0 if shape == "circle" else rng.uniform(1 - MAX_STRETCH, 1 + MAX_STRETCH)
-        extents.append((width, max(4, round(width * stretch))))
+    extents, turns = _extents_and_turns(rng, [shape for _, shape in kinds], sizes, config.image_size)
     boxes = _place(rng, extents, config.image_size)
     objects = []
     outlined = config.style == "random" and look_rng.random() < 0.15
-    for (colour, shape), size, box in zip(kinds, sizes, boxes):
+    for (colour, shape), size, box, turn in zip(kinds, sizes, boxes, turns):
         rgb = shade(rng, colour)
-        turn = rng.uniform(-MAX_TURN, MAX_TURN) if shape != "circle" and rng.random() < 0.5 else 0.0
         outline = tuple(int(c * 0.55) for c in rgb) if outlined else None
         objects.append(ShapeObject(colour, shape, size, box, config.shapes.index(shape), rgb, turn, outline))
     objects.sort(key=lambda o: (o.centre, o.box))
     look = sample_look(look_rng, config.style, [o.rgb for o in objects])
     return Scene(tuple(objects), config.image_size, look)
+
+
+def _extents_and_turns(rng: random.Random, shapes: list[str], sizes: list[str],
+                       image_size: int) -> tuple[list[tuple[int, int]], list[float]]:
+    """Each shape's box (width, height) and turn, drawn again until the large shape (the first) covers at least
+    `AREA_MARGIN` times the area of every small one (so a large star beside a small square is drawn near the
+    top of its size class, the square near the bottom of its own: a star of 27 pixels covers 1.5x a square of 13)."""
+    while True:
+        extents, turns = [], []
+        for shape, size in zip(shapes, sizes):
+            width = max(4, round(rng.uniform(*SIZES[size]) * image_size))
+            stretch = 1.0 if shape == "circle" else rng.uniform(1 - MAX_STRETCH, 1 + MAX_STRETCH)
+            extents.append((width, max(4, round(width * stretch))))
+            turns.append(rng.uniform(-MAX_TURN, MAX_TURN) if shape != "circle" and rng.random() < 0.5 else 0.0)
+        areas = [w * h * fill_fraction(shape, turn) for (w, h), shape, turn in zip(extents, shapes, turns)]
+        if len(areas) == 1 or areas[0] >= AREA_MARGIN * max(areas[1:]):
+            return extents, turns
 
 
 def _place(rng: random.Random, extents: list[tuple[int, int]], image_size: int) -> list[tuple[int, int, int, int]]:

@@ -165,6 +165,14 @@ POLYGONS = {
 SHIFTED_POLYGONS = {**POLYGONS, "star": fill_unit_square(star_outline(inner=0.42))}
 
 
+def fill_fraction(shape: str, degrees: float = 0.0, polygons=POLYGONS) -> float:
+    """The fraction of its box a shape covers when drawn turned by `degrees` (a circle: pi / 4)."""
+    if shape == "circle":
+        return math.pi / 4
+    corners = rotated(polygons[shape], degrees)
+    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1])))
+
+
 def outline_of(obj: "ShapeObject", polygons=POLYGONS):
     """The object's polygon in the unit square (None for a circle)."""
     return None if obj.shape == "circle" else rotated(polygons[obj.shape], obj.rotation)

@@ -108,6 +108,7 @@ def test_boxes_are_tight_and_match_the_rendered_objects(style):
         clean = np.asarray(render_scene(_clean(scene)), dtype=np.int64)
         empty = np.asarray(render_scene(dataclasses.replace(_clean(scene), objects=())), dtype=np.int64)
         outside = np.ones(clean.shape[:2], bool)
+        drawn_area = {}
         for obj in scene.objects:
             x, y, w, h = obj.box
             seen_sizes[obj.size].add(w)
@@ -119,6 +120,7 @@ def test_boxes_are_tight_and_match_the_rendered_objects(style):
             faint = 12 if style == "shifted" else 30
             drawn = np.abs(clean[y:y + h, x:x + w] - empty[y:y + h, x:x + w]).sum(-1) > faint
             rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
+            drawn_area[obj] = int(drawn.sum())
             assert rows[0] <= 1 and rows[-1] >= h - 2 and cols[0] <= 1 and cols[-1] >= w - 2, obj
             # The shade is its colour's, far from the background, and the pixels at the box centre show it.
             assert nearest_colour(obj.rgb) == obj.colour
@@ -133,6 +135,12 @@ def test_boxes_are_tight_and_match_the_rendered_objects(style):
                 assert relations(a, b), (a, b)
         if len(scene.objects) > 1:
             assert [o.size for o in scene.objects].count("large") == 1
+            # The large shape shows the most colour: the label's "largest shape" is the one a person sees as
+            # largest (AREA_MARGIN is 1.5 of the outlines' areas; the edge pixels' coverage blurs it a little).
+            large = next(o for o in scene.objects if o.size == "large")
+            for small in scene.objects:
+                if small is not large:
+                    assert drawn_area[large] >= 1.3 * drawn_area[small], (large, small, drawn_area)
     for size, (low, high) in SIZES.items():  # sides spread over each size class
         assert min(seen_sizes[size]) <= round(low * 64) + 2 and max(seen_sizes[size]) >= round(high * 64) - 2
     assert max(seen_sizes["small"]) < min(seen_sizes["large"]) and set(seen_counts) == {1, 2, 3, 4}
