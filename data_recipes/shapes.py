@@ -13,7 +13,8 @@ random family without its nuisances, for the text-to-image branch (`shapes_style
 - shapes never overlap (boxes keep a gap), so every shape is whole and every box is tight and unoccluded;
 - a scene of several shapes has exactly one large shape, the others are small; a lone shape is either size;
   the large shape also covers at least `AREA_MARGIN` times the area of every small one (a star fills less of
-  its box than a square does), so that "the largest shape" is the one a person sees as largest;
+  its box than a square does), so that "the largest shape" is the one a person sees as largest (in the random
+  and plain styles; the shifted style draws thinner stars, so a large star there covers at least 1.26 times);
   sides vary continuously within each size class, shapes other than circles may be slightly stretched and
   turned (at most 15 degrees: a square never becomes a diamond), and each has its own shade of its colour;
 - `label` is the colour of the largest shape (`ShapesConfig.label="shape"`: its shape); `class_names(config)`;
@@ -69,7 +70,9 @@ QA_TYPES = ("colour", "shape", "count", "position", "yes_no")
 SIZES = {"small": (0.17, 0.25), "large": (0.30, 0.42)}
 # A box's side is not what the eye compares: a star fills 43% of its box, a square all of it, so a large star may
 # show less colour than a small square beside it. The large shape's drawn area is kept at least this many times
-# every small one's, so that the label ("the colour of the largest shape") is what the picture shows.
+# every small one's, so that the label ("the colour of the largest shape") is what the picture shows. It is measured
+# with the random style's outlines, so that every style draws the same scenes: the shifted style's thinner star
+# (0.36 of its box, against 0.43) keeps a large star at 1.26 times.
 AREA_MARGIN = 1.5
 MAX_STRETCH = 0.15   # a box's height is its width times 1 +- this (circles stay round)
 MAX_TURN = 15.0      # degrees an object may be rotated by (half of them are)
@@ -199,7 +202,7 @@ def _extents_and_turns(rng: random.Random, shapes: list[str], sizes: list[str],
                        image_size: int) -> tuple[list[tuple[int, int]], list[float]]:
     """Each shape's box (width, height) and turn, drawn again until the large shape (the first) covers at least
     `AREA_MARGIN` times the area of every small one (so a large star beside a small square is drawn near the
-    top of its size class, the square near the bottom of its own: a star of 27 pixels covers 1.5x a square of 13)."""
+    top of its size class, the square near the bottom of its own: a star of 27 pixels covers 1.5x a square of 14)."""
     while True:
         extents, turns = [], []
         for shape, size in zip(shapes, sizes):

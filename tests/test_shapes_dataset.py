@@ -136,11 +136,13 @@ def test_boxes_are_tight_and_match_the_rendered_objects(style):
         if len(scene.objects) > 1:
             assert [o.size for o in scene.objects].count("large") == 1
             # The large shape shows the most colour: the label's "largest shape" is the one a person sees as
-            # largest (AREA_MARGIN is 1.5 of the outlines' areas; the edge pixels' coverage blurs it a little).
+            # largest. AREA_MARGIN is 1.5 of the random style's outline areas; the shifted style's thinner star
+            # keeps 1.26 (data_recipes.shapes); the edge pixels' partial coverage takes off about a tenth.
+            margin = 1.15 if style == "shifted" else 1.3
             large = next(o for o in scene.objects if o.size == "large")
             for small in scene.objects:
                 if small is not large:
-                    assert drawn_area[large] >= 1.3 * drawn_area[small], (large, small, drawn_area)
+                    assert drawn_area[large] >= margin * drawn_area[small], (large, small, drawn_area)
     for size, (low, high) in SIZES.items():  # sides spread over each size class
         assert min(seen_sizes[size]) <= round(low * 64) + 2 and max(seen_sizes[size]) >= round(high * 64) - 2
     assert max(seen_sizes["small"]) < min(seen_sizes["large"]) and set(seen_counts) == {1, 2, 3, 4}
@@ -391,6 +393,17 @@ def test_a_split_drawn_by_several_processes_is_the_same(tmp_path, monkeypatch):
     alone = shapes._generate_split(config, "train")
     assert pooled == alone and len(alone["image"]) == 1100
     assert shapes.build_processes(100) == 1
+
+
+def test_scenes_draw_as_generator_5_does():
+    """Pinned scenes: the objects, sizes, boxes and turns of two seeds. A change to the order of the scene's
+    random draws (or to the area rule) must bump GENERATOR_VERSION, or a cached build serves stale scenes."""
+    import random
+    pinned = {1: [("purple", "circle", "large", (25, 28, 23, 23), 0.0), ("yellow", "star", "small", (50, 1, 13, 12), 11.8)],
+              4: [("blue", "circle", "large", (4, 15, 20, 20), 0.0), ("yellow", "square", "small", (34, 35, 11, 11), 14.7)]}
+    for k, expected in pinned.items():
+        scene = shapes.sample_scene(random.Random(k), ShapesConfig())
+        assert [(o.colour, o.shape, o.size, o.box, round(o.rotation, 1)) for o in scene.objects] == expected, k
 
 
 def test_the_random_and_shifted_looks_draw_as_generator_4_does():
